@@ -1,0 +1,41 @@
+# Two commands on a fresh machine (Python 3.11, pip, make): `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+KAFKA_STATE ?= $(or $(TMPDIR),/tmp)/choreo-kafka-$(shell id -u)
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-unit test-kafka dev lint typecheck clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Start the embedded broker and Redis, run the reference services, print what happened, stop.
+demo: install
+	$(PY) -m services.demo
+
+## The whole suite on the embedded stack (Tansu + Redis), plus mypy on the package.
+test: install
+	$(PY) -m mypy
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: install
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+## The integration and conformance suites against a real single-node KRaft Apache Kafka 4.x.
+test-kafka: install
+	$(PY) scripts/apache_kafka.py run --state-dir $(KAFKA_STATE) -- \
+		$(PY) -m pytest tests/integration tests/conformance $(PYTEST_ARGS)
+
+## A local broker and Redis until Ctrl-C.
+dev: install
+	$(VENV)/bin/choreo dev
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache

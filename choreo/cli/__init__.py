@@ -1,0 +1,47 @@
+"""The ``choreo`` command line: thin wrappers over the public API.
+
+    choreo run MODULE:SERVICE        run one service until SIGTERM/SIGINT
+    choreo publish TYPE JSON         publish one event and wait for the broker's ack
+    choreo dev                       run the embedded broker and Redis until Ctrl-C
+    choreo schema check              validate schemas and models, and compatibility against git
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from choreo.errors import ChoreoError
+
+
+def _parser() -> argparse.ArgumentParser:
+    from choreo.cli import dev, publish, run, schema
+
+    parser = argparse.ArgumentParser(prog="choreo", description="Event-driven choreography over Kafka.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (run, publish, dev, schema):
+        module.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except ChoreoError as exc:
+        print(f"choreo: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Subscriptions: which handler runs for which event type, and which event types it may emit."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from choreo.errors import ConfigurationError
+from choreo.events import Event
+
+if TYPE_CHECKING:
+    from choreo.context import Context
+
+Handler = Callable[[Any, "Context"], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """One handler of one event type in one service.
+
+    ``name`` is part of every idempotency key and must stay stable across deployments: renaming a
+    handler makes choreo treat already-processed events as new for it.
+    """
+
+    event_type: type[Event]
+    handler: Handler
+    name: str
+    emits: frozenset[type[Event]]
+
+    @classmethod
+    def build(
+        cls, event_type: type[Event], handler: Handler, *, emits: Sequence[type[Event]] = (), name: str | None = None
+    ) -> Subscription:
+        where = f"handler {getattr(handler, '__qualname__', handler)!r}"
+        if not (isinstance(event_type, type) and issubclass(event_type, Event)):
+            raise ConfigurationError(f"{where}: {event_type!r} is not an Event subclass")
+        event_type.avro_schema()  # a class with no schema fails here, at registration
+        for emitted in emits:
+            if not (isinstance(emitted, type) and issubclass(emitted, Event)):
+                raise ConfigurationError(f"{where}: emits {emitted!r}, which is not an Event subclass")
+            emitted.avro_schema()
+        if not inspect.iscoroutinefunction(handler):
+            raise ConfigurationError(f"{where}: handlers must be 'async def' functions")
+        handler_name = name or getattr(handler, "__name__", "")
+        if not handler_name or not all(c.isalnum() or c in "_-." for c in handler_name):
+            raise ConfigurationError(f"{where}: handler name {handler_name!r} must be letters, digits, '_', '-', '.'")
+        return cls(event_type, handler, handler_name, frozenset(emits))

@@ -1,0 +1,161 @@
+"""Validated settings for services and publishers, from code or from ``CHOREO_*`` environment variables.
+
+=============================  ==========================================================
+environment variable           setting
+=============================  ==========================================================
+``CHOREO_KAFKA``               ``kafka_bootstrap`` (``host:port[,host:port...]``)
+``CHOREO_REDIS``               ``redis_url`` (``redis://`` or ``rediss://``)
+``CHOREO_KAFKA_CONFIG``        ``kafka_config``: JSON object of librdkafka settings
+``CHOREO_KAFKA_CONFIG_FILE``   a Java-style ``client.properties`` file (``key=value`` lines)
+``CHOREO_<FIELD>``             any other field below, upper-cased (``CHOREO_BATCH_SIZE=200``)
+=============================  ==========================================================
+
+``kafka_config`` passes TLS and SASL settings (``security.protocol``, ``sasl.mechanism``,
+``ssl.ca.location`` ...) straight to librdkafka, for producers, consumers and the admin client.
+Settings choreo owns for correctness (``enable.idempotence``, ``acks``, ``enable.auto.offset.store``)
+cannot be overridden there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from choreo.errors import ConfigurationError
+
+_PROTECTED_KAFKA_KEYS = frozenset(
+    {"enable.idempotence", "acks", "enable.auto.offset.store", "group.id", "bootstrap.servers"}
+)
+_HOSTPORT = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
+
+
+class Settings(BaseModel):
+    """Connection and tuning settings. Invalid values raise ``ConfigurationError`` when built."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    kafka_config: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    #: Prefix for every Redis key choreo writes, so several systems can share one Redis.
+    redis_prefix: str = "choreo:"
+    #: Prefix for every topic name (e.g. ``staging.``), so several environments can share one cluster.
+    topic_prefix: str = Field(default="", pattern=r"^[a-zA-Z0-9._-]*$", max_length=100)
+
+    create_topics: bool = True
+    topic_partitions: int = Field(default=4, ge=1, le=100_000)
+    #: -1 leaves the replication factor to the broker's default.
+    topic_replication: int = Field(default=-1, ge=-1, le=32)
+
+    batch_size: int = Field(default=500, ge=1, le=100_000)
+    fetch_wait_ms: int = Field(default=10, ge=0, le=60_000)
+    # Kafka's defaults are 45 s / 3 s; these make a group join take seconds, also on Tansu.
+    session_timeout_ms: int = Field(default=6_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(default=500, ge=100)
+    linger_ms: int = Field(default=5, ge=0, le=60_000)
+    commit_interval_ms: int = Field(default=1_000, ge=10)
+    #: How long an idempotency claim is held before another process may take over the event.
+    claim_lease_ms: int = Field(default=60_000, ge=100)
+    #: How long a finished event is remembered; longer than any retry or replay window.
+    done_ttl_ms: int = Field(default=7 * 24 * 3_600_000, ge=1_000)
+    #: Upper bound of the pause before a failed event is tried again.
+    max_backoff_ms: int = Field(default=30_000, ge=1)
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap(cls, value: str) -> str:
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        if not parts or not all(_HOSTPORT.match(p) for p in parts):
+            raise ValueError(f"expected host:port[,host:port...], got {value!r}")
+        return ",".join(parts)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {value!r}")
+        return value
+
+    @field_validator("kafka_config")
+    @classmethod
+    def _kafka_config(cls, value: dict[str, Any]) -> dict[str, Any]:
+        protected = sorted(_PROTECTED_KAFKA_KEYS.intersection(value))
+        if protected:
+            raise ValueError(f"{', '.join(protected)} are managed by choreo and cannot be set here")
+        return value
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigurationError(_describe(exc, "Settings")) from None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``CHOREO_*`` variables (see the module docstring); ``overrides`` win."""
+        env = os.environ if env is None else env
+        data: dict[str, Any] = {}
+        if "CHOREO_KAFKA" in env:
+            data["kafka_bootstrap"] = env["CHOREO_KAFKA"]
+        if "CHOREO_REDIS" in env:
+            data["redis_url"] = env["CHOREO_REDIS"]
+        kafka_config: dict[str, Any] = {}
+        if "CHOREO_KAFKA_CONFIG_FILE" in env:
+            kafka_config.update(_read_properties(Path(env["CHOREO_KAFKA_CONFIG_FILE"])))
+        if "CHOREO_KAFKA_CONFIG" in env:
+            try:
+                loaded = json.loads(env["CHOREO_KAFKA_CONFIG"])
+            except json.JSONDecodeError as exc:
+                raise ConfigurationError(f"CHOREO_KAFKA_CONFIG is not valid JSON: {exc}") from None
+            if not isinstance(loaded, dict):
+                raise ConfigurationError("CHOREO_KAFKA_CONFIG must be a JSON object")
+            kafka_config.update(loaded)
+        if kafka_config:
+            data["kafka_config"] = kafka_config
+        skip = {"kafka_bootstrap", "redis_url", "kafka_config"}
+        for name in cls.model_fields:
+            var = f"CHOREO_{name.upper()}"
+            if name not in skip and var in env:
+                data[name] = env[var]
+        data.update(overrides)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigurationError(_describe(exc, "settings from environment", env_names=True)) from None
+
+
+def _read_properties(path: Path) -> dict[str, str]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigurationError(f"CHOREO_KAFKA_CONFIG_FILE {path}: {exc.strerror}") from None
+    result: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith(("#", "!")):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ConfigurationError(f"{path}:{number}: expected key=value, got {line!r}")
+        result[key.strip()] = value.strip()
+    return result
+
+
+def _describe(exc: ValidationError, where: str, *, env_names: bool = False) -> str:
+    problems = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        if env_names and error["loc"]:
+            field = str(error["loc"][0])
+            name = {"kafka_bootstrap": "CHOREO_KAFKA", "redis_url": "CHOREO_REDIS"}.get(
+                field, f"CHOREO_{field.upper()}"
+            )
+        problems.append(f"{name}: {error['msg']}")
+    return f"invalid {where}: " + "; ".join(problems)

@@ -1,0 +1,101 @@
+"""The Transport contract: what the processing loop needs from a broker.
+
+Two implementations honour it and pass one conformance suite (``tests/conformance``):
+``choreo.transport.kafka.KafkaTransport`` (confluent-kafka) and ``choreo.transport.memory``.
+
+Contract, for a transport used by one consumer-group member:
+
+* ``fetch`` returns records in offset order per partition; records of one partition are never
+  returned twice unless the partition was rewound with ``seek`` or reassigned after a rebalance.
+* ``commit`` records, per partition, the offset of the next record to read. It is asynchronous and
+  may be batched; ``close`` and revocation commit whatever was stored before the partition is given
+  up. A member that dies without committing has its partitions re-read from the last commit.
+* ``send`` resolves once the broker has acknowledged every record (``acks=all``), or raises
+  ``PublishError``. Records of one key sent in one call keep their order.
+* ``pause``/``resume`` stop and restart delivery of partitions without losing their position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+TopicPartition = tuple[str, int]
+Headers = list[tuple[str, bytes | None]]
+
+
+@dataclass(slots=True)
+class Record:
+    """A record read from the broker."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    timestamp_ms: int = 0
+
+
+@dataclass(slots=True)
+class OutgoingRecord:
+    """A record to publish."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Headers = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """A topic to create: ``replication=-1`` leaves the factor to the broker's default."""
+
+    name: str
+    partitions: int
+    replication: int = -1
+
+
+RebalanceListener = Callable[[Sequence[TopicPartition]], None]
+
+
+class Transport(Protocol):
+    """A broker connection for one service process: a producer and, once subscribed, a group member."""
+
+    async def connect(self) -> None:
+        """Check the broker is reachable; raise ``TransportError`` naming the address if not."""
+
+    async def ensure_topics(self, specs: Sequence[TopicSpec], *, create: bool) -> None:
+        """Create missing topics (``create=True``) or raise ``ConfigurationError`` naming them."""
+
+    async def subscribe(
+        self,
+        topics: Sequence[str],
+        group: str,
+        *,
+        on_assign: RebalanceListener | None = None,
+        on_revoke: RebalanceListener | None = None,
+    ) -> None:
+        """Join ``group`` for ``topics``. Listeners run inside ``fetch`` when assignments change."""
+
+    async def fetch(self, max_records: int, timeout: float) -> list[Record]:
+        """Up to ``max_records`` records, waiting at most ``timeout`` seconds for the first."""
+
+    def send(self, records: Sequence[OutgoingRecord]) -> Awaitable[None]:
+        """Publish ``records``; the awaitable resolves when all are acknowledged."""
+
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Store the next offset to read per partition; committed asynchronously."""
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        """Rewind (or advance) a partition so ``offset`` is the next record fetched."""
+
+    def pause(self, partitions: Iterable[TopicPartition]) -> None: ...
+
+    def resume(self, partitions: Iterable[TopicPartition]) -> None: ...
+
+    def assignment(self) -> list[TopicPartition]: ...
+
+    async def close(self) -> None:
+        """Commit stored offsets, leave the group, flush the producer and release everything."""

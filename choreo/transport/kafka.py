@@ -1,0 +1,304 @@
+"""Kafka adapter on confluent-kafka (librdkafka).
+
+Offsets use librdkafka's "store, then auto-commit" mode: ``enable.auto.offset.store=false`` means only
+offsets that choreo stored (after a record's outcome is durable) are ever committed, and librdkafka
+commits them periodically, on revocation and on close. The producer is idempotent with ``acks=all``;
+a background thread serves its delivery callbacks so an ``await send(...)`` never blocks the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+try:
+    from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition as _TP
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError("choreo's Kafka transport needs 'confluent-kafka': pip install choreo") from exc
+
+from choreo.errors import ConfigurationError, PublishError, TransportError
+from choreo.settings import Settings
+from choreo.transport import OutgoingRecord, RebalanceListener, Record, TopicPartition, TopicSpec
+
+log = logging.getLogger("choreo.kafka")
+
+
+class _Acks:
+    """Counts delivery reports of one ``send`` call and wakes the awaiting coroutine once, at the end."""
+
+    __slots__ = ("_lock", "_pending", "_errors", "_future", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
+        self._lock = threading.Lock()
+        self._pending = count
+        self._errors: list[str] = []
+        self._loop = loop
+        self._future: asyncio.Future[None] = loop.create_future()
+
+    def __call__(self, err: KafkaError | None, msg: Any) -> None:
+        with self._lock:
+            if err is not None:
+                self._errors.append(f"{msg.topic()}: {err.str()}")
+            self._pending -= 1
+            finished = self._pending == 0
+        if finished:
+            self._loop.call_soon_threadsafe(self._resolve)
+
+    def _resolve(self) -> None:
+        if self._future.done():
+            return
+        if self._errors:
+            more = f" (and {len(self._errors) - 1} more)" if len(self._errors) > 1 else ""
+            self._future.set_exception(PublishError(f"broker did not acknowledge: {self._errors[0]}{more}"))
+        else:
+            self._future.set_result(None)
+
+
+class KafkaTransport:
+    """``Transport`` over one confluent-kafka producer and (once subscribed) one consumer."""
+
+    def __init__(self, settings: Settings, *, client_id: str = "choreo") -> None:
+        self._settings = settings
+        self._client_id = client_id
+        common: dict[str, Any] = {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "client.id": client_id,
+            "error_cb": self._on_error,
+            # librdkafka's own log lines go through Python logging instead of straight to stderr.
+            "logger": logging.getLogger("choreo.librdkafka"),
+            **settings.kafka_config,
+        }
+        self._common = common
+        self._producer = Producer(
+            {
+                **common,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": settings.linger_ms,
+                # An idempotent producer that lost its broker state never recovers (see STACK.md);
+                # bound the wait so a send fails with a clear error instead of hanging.
+                "message.timeout.ms": 30_000,
+            }
+        )
+        self._consumer: Consumer | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{client_id}-fetch")
+        self._stop_polling = threading.Event()
+        self._poller = threading.Thread(target=self._poll_producer, name=f"{client_id}-acks", daemon=True)
+        self._poller.start()
+        self._admin: AdminClient | None = None
+        self._on_assign: RebalanceListener | None = None
+        self._on_revoke: RebalanceListener | None = None
+        self._closed = False
+
+    # -- connection and topics -------------------------------------------------------------------
+
+    def _admin_client(self) -> AdminClient:
+        if self._admin is None:
+            self._admin = AdminClient({k: v for k, v in self._common.items()})
+        return self._admin
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        admin = self._admin_client()
+        try:
+            await asyncio.to_thread(admin.list_topics, timeout=timeout)
+        except KafkaException as exc:
+            raise TransportError(
+                f"cannot reach Kafka at {self._settings.kafka_bootstrap}: {exc.args[0].str() if exc.args else exc}"
+            ) from None
+
+    async def list_topics(self) -> dict[str, int]:
+        meta = await asyncio.to_thread(self._admin_client().list_topics, timeout=10)
+        return {name: len(t.partitions) for name, t in meta.topics.items() if not t.error}
+
+    async def ensure_topics(self, specs: Sequence[TopicSpec], *, create: bool) -> None:
+        existing = await self.list_topics()
+        missing = [s for s in specs if s.name not in existing]
+        if not missing:
+            return
+        if not create:
+            names = ", ".join(s.name for s in missing)
+            raise ConfigurationError(
+                f"topics missing on {self._settings.kafka_bootstrap}: {names} "
+                "(create them, or allow creation with create_topics=True / CHOREO_CREATE_TOPICS=true)"
+            )
+        futures = self._admin_client().create_topics(
+            [NewTopic(s.name, num_partitions=s.partitions, replication_factor=s.replication) for s in missing],
+            operation_timeout=30,
+        )
+        for name, future in futures.items():
+            try:
+                await asyncio.wrap_future(future)
+            except KafkaException as exc:
+                error = exc.args[0]
+                if error.code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise TransportError(f"creating topic {name} failed: {error.str()}") from None
+        # Metadata propagates asynchronously in Kafka; wait until every new topic is visible.
+        for _ in range(100):
+            existing = await self.list_topics()
+            if all(s.name in existing for s in missing):
+                return
+            await asyncio.sleep(0.1)
+        raise TransportError(f"created topics did not appear: {[s.name for s in missing]}")
+
+    # -- consuming ----------------------------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        topics: Sequence[str],
+        group: str,
+        *,
+        on_assign: RebalanceListener | None = None,
+        on_revoke: RebalanceListener | None = None,
+    ) -> None:
+        s = self._settings
+        self._on_assign, self._on_revoke = on_assign, on_revoke
+        self._consumer = Consumer(
+            {
+                **self._common,
+                "group.id": group,
+                "enable.auto.commit": True,
+                "enable.auto.offset.store": False,
+                "auto.commit.interval.ms": s.commit_interval_ms,
+                "auto.offset.reset": "earliest",
+                "session.timeout.ms": s.session_timeout_ms,
+                "heartbeat.interval.ms": s.heartbeat_interval_ms,
+                "fetch.wait.max.ms": s.fetch_wait_ms,
+                "enable.partition.eof": False,
+            }
+        )
+        self._consumer.subscribe(
+            list(topics), on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
+        )
+
+    def _assigned(self, consumer: Consumer, partitions: list[_TP]) -> None:
+        if self._on_assign:
+            self._on_assign([(p.topic, p.partition) for p in partitions])
+
+    def _revoked(self, consumer: Consumer, partitions: list[_TP]) -> None:
+        if self._on_revoke:
+            self._on_revoke([(p.topic, p.partition) for p in partitions])
+        # Stored offsets are committed by librdkafka's auto-commit on revoke; commit them now too,
+        # so a partition is never handed over with finished work uncommitted.
+        try:
+            consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                log.warning("commit on revoke failed: %s", exc.args[0].str())
+
+    def _lost(self, consumer: Consumer, partitions: list[_TP]) -> None:
+        # Partitions lost (session expired) may already belong to another member: commit nothing.
+        if self._on_revoke:
+            self._on_revoke([(p.topic, p.partition) for p in partitions])
+
+    async def fetch(self, max_records: int, timeout: float) -> list[Record]:
+        consumer = self._require_consumer()
+        loop = asyncio.get_running_loop()
+        messages = await loop.run_in_executor(self._executor, consumer.consume, max_records, timeout)
+        records: list[Record] = []
+        append = records.append
+        for m in messages:
+            err = m.error()
+            if err is not None:
+                if err.fatal():
+                    raise TransportError(f"fatal consumer error: {err.str()}")
+                log.warning("consumer error on %s [%s]: %s", m.topic(), m.partition(), err.str())
+                continue
+            append(Record(m.topic(), m.partition(), m.offset(), m.key(), m.value(),  # type: ignore[arg-type]
+                          m.headers() or [], m.timestamp()[1]))  # type: ignore[arg-type]  # consumed messages always have these, headers as a list
+        return records
+
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        if not offsets:
+            return
+        consumer = self._require_consumer()
+        try:
+            consumer.store_offsets(offsets=[_TP(t, p, o) for (t, p), o in offsets.items()])
+        except KafkaException as exc:
+            # A partition revoked in the meantime cannot store offsets; its new owner re-runs the
+            # records, and idempotency keys make that harmless.
+            log.info("storing offsets failed (partition revoked?): %s", exc.args[0].str())
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        self._require_consumer().seek(_TP(partition[0], partition[1], offset))
+
+    def pause(self, partitions: Iterable[TopicPartition]) -> None:
+        tps = [_TP(t, p) for t, p in partitions]
+        if tps:
+            self._require_consumer().pause(tps)
+
+    def resume(self, partitions: Iterable[TopicPartition]) -> None:
+        tps = [_TP(t, p) for t, p in partitions]
+        if tps:
+            self._require_consumer().resume(tps)
+
+    def assignment(self) -> list[TopicPartition]:
+        if self._consumer is None:
+            return []
+        return [(p.topic, p.partition) for p in self._consumer.assignment()]
+
+    def _require_consumer(self) -> Consumer:
+        if self._consumer is None:
+            raise TransportError("the transport is not subscribed")
+        return self._consumer
+
+    # -- producing ----------------------------------------------------------------------------------
+
+    def send(self, records: Sequence[OutgoingRecord]) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        acks = _Acks(loop, len(records))
+        if not records:
+            acks._future.set_result(None)
+            return acks._future
+        produce = self._producer.produce
+        for r in records:
+            while True:
+                try:
+                    produce(r.topic, r.value, r.key, headers=r.headers, on_delivery=acks)  # type: ignore[arg-type]
+                    break
+                except BufferError:
+                    self._producer.poll(0.01)  # local queue full: let deliveries drain
+                except KafkaException as exc:
+                    acks(exc.args[0], _Named(r.topic))
+                    break
+        return acks._future
+
+    def _poll_producer(self) -> None:
+        while not self._stop_polling.is_set():
+            self._producer.poll(0.05)
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            log.error("fatal Kafka error: %s", error.str())
+        else:
+            log.warning("Kafka: %s", error.str())
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            await asyncio.get_running_loop().run_in_executor(self._executor, consumer.close)
+        await asyncio.to_thread(self._producer.flush, 10)
+        self._stop_polling.set()
+        await asyncio.to_thread(self._poller.join)
+        self._executor.shutdown(wait=False)
+        # Dropping the last references destroys the librdkafka handles and closes their connections.
+        self._admin = None
+        del self._producer
+
+
+class _Named:
+    """Stands in for a Message in a delivery report for a record that never reached the queue."""
+
+    def __init__(self, topic: str) -> None:
+        self._topic = topic
+
+    def topic(self) -> str:
+        return self._topic

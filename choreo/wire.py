@@ -1,0 +1,192 @@
+"""Turning events into Kafka records and back: Avro single-object values plus choreo headers.
+
+One ``Wire`` serves one process. It caches a codec and the constant header parts per event type,
+so encoding an event costs one Avro write plus a few byte-string joins.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pydantic
+
+from choreo.errors import DecodeError
+from choreo.events import Envelope, Event, Header, utc_now_iso
+from choreo.schemas import AvroSchema, Codec, SchemaSet
+from choreo.transport import OutgoingRecord, Record
+
+_H_ID = Header.EVENT_ID
+_H_TYPE = Header.EVENT_TYPE
+_H_SCHEMA = Header.SCHEMA
+_H_CORR = Header.CORRELATION_ID
+_H_CAUSE = Header.CAUSATION_ID
+_H_AT = Header.OCCURRED_AT
+_H_PROD = Header.PRODUCER
+_H_ATTEMPT = Header.ATTEMPT
+
+
+def derive_event_id(source_id: str, handler: str, index: int) -> str:
+    """A deterministic UUID (version 8) for the ``index``-th event emitted by ``handler`` for ``source_id``."""
+    digest = bytearray(hashlib.blake2b(f"{source_id}/{handler}/{index}".encode(), digest_size=16).digest())
+    digest[6] = (digest[6] & 0x0F) | 0x80  # version 8: custom, RFC 9562
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return str(uuid.UUID(bytes=bytes(digest)))
+
+
+def new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _to_avro(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _to_avro(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_avro(v) for v in value]
+    return value
+
+
+class _TypeInfo:
+    __slots__ = ("cls", "codec", "type_name", "type_header", "schema_header", "topic", "to_record")
+
+    def __init__(self, cls: type[Event], codec: Codec, topic_prefix: str) -> None:
+        schema = cls.avro_schema()
+        self.cls = cls
+        self.codec = codec
+        self.type_name = schema.full_name
+        self.type_header = (_H_TYPE, schema.full_name.encode())
+        self.schema_header = (_H_SCHEMA, f"{schema.fingerprint:016x}".encode())
+        self.topic = topic_prefix + cls.topic()
+        self.to_record: Callable[[Event], Any] = (
+            (lambda e: e.__dict__) if cls.__choreo_trusted__ else (lambda e: _to_avro(e.model_dump()))
+        )
+
+
+class Wire:
+    """Encoder and decoder for the event types one process uses.
+
+    ``lookup`` is asked for writer schemas this process does not have locally (e.g. from a schema
+    registry); without it, an unknown fingerprint is a ``DecodeError(reason="unknown-schema")``.
+    """
+
+    def __init__(
+        self,
+        producer: str,
+        event_types: Iterable[type[Event]] = (),
+        *,
+        known: SchemaSet | None = None,
+        lookup: Callable[[int], AvroSchema | None] | None = None,
+        topic_prefix: str = "",
+    ) -> None:
+        self.producer = producer
+        self.topic_prefix = topic_prefix
+        self._producer_header = (_H_PROD, producer.encode())
+        self._known = known if known is not None else SchemaSet()
+        self._lookup = lookup
+        self._types: dict[type[Event], _TypeInfo] = {}
+        for cls in event_types:
+            self.add(cls)
+
+    def add(self, cls: type[Event]) -> _TypeInfo:
+        info = self._types.get(cls)
+        if info is None:
+            schema = cls.avro_schema()
+            if self._known.by_fingerprint(schema.fingerprint) is None:
+                self._known.add(schema)
+            info = _TypeInfo(cls, Codec(schema, self._known, self._lookup), self.topic_prefix)
+            self._types[cls] = info
+        return info
+
+    def encode(
+        self,
+        event: Event,
+        *,
+        event_id: str,
+        correlation_id: str,
+        causation_id: str | None,
+        key: str | None = None,
+        occurred_at: str | None = None,
+        topic: str | None = None,
+    ) -> OutgoingRecord:
+        info = self._types.get(type(event)) or self.add(type(event))
+        value = info.codec.encode(info.to_record(event))
+        headers: list[tuple[str, bytes | None]] = [
+            (_H_ID, event_id.encode()),
+            info.type_header,
+            info.schema_header,
+            (_H_CORR, correlation_id.encode()),
+            (_H_AT, (occurred_at or utc_now_iso()).encode()),
+            self._producer_header,
+        ]
+        if causation_id is not None:
+            headers.append((_H_CAUSE, causation_id.encode()))
+        return OutgoingRecord(topic or info.topic, (key or correlation_id).encode(), value, headers)
+
+    def decode(self, record: Record, cls: type[Event]) -> tuple[Envelope, Event]:
+        """The envelope and typed event of ``record``, expected to hold a ``cls`` event.
+
+        Raises ``DecodeError`` with ``reason`` one of: missing-header, bad-header, wrong-type,
+        not-avro, unknown-schema, invalid (the value fails the model's validation).
+        """
+        info = self._types.get(cls) or self.add(cls)
+        headers: dict[str, bytes | None] = dict(record.headers)
+        try:
+            event_id = headers[_H_ID]
+            event_type = headers[_H_TYPE]
+            correlation = headers[_H_CORR]
+            occurred = headers[_H_AT]
+            producer = headers[_H_PROD]
+            schema = headers[_H_SCHEMA]
+        except KeyError as exc:
+            raise DecodeError(f"header {exc.args[0]!r} is missing", reason="missing-header") from None
+        try:
+            type_name = event_type.decode() if event_type is not None else ""
+            env = Envelope(
+                event_id=_text(event_id, _H_ID),
+                event_type=type_name,
+                correlation_id=_text(correlation, _H_CORR),
+                causation_id=_optional_text(headers.get(_H_CAUSE)),
+                occurred_at=_text(occurred, _H_AT),
+                producer=_text(producer, _H_PROD),
+                fingerprint=int(_text(schema, _H_SCHEMA), 16),
+                attempt=int(_optional_text(headers.get(_H_ATTEMPT)) or 1),
+                key=record.key,
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                headers=record.headers,
+            )
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise DecodeError(f"malformed header: {exc}", reason="bad-header") from None
+        if type_name != info.type_name:
+            raise DecodeError(
+                f"event type {type_name!r} on topic {record.topic}, which carries {info.type_name}",
+                reason="wrong-type",
+            )
+        if record.value is None:
+            raise DecodeError("the record has no value", reason="not-avro")
+        data = info.codec.decode(record.value)
+        try:
+            event = cls.from_avro(data)
+        except pydantic.ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise DecodeError(
+                f"value fails {cls.__name__} validation at {where}: {first['msg']}", reason="invalid"
+            ) from None
+        return env, event
+
+
+def _text(value: bytes | None, name: str) -> str:
+    if not value:
+        raise ValueError(f"header {name!r} is empty")
+    return value.decode()
+
+
+def _optional_text(value: bytes | None) -> str | None:
+    return value.decode() if value else None
