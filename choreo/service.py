@@ -90,7 +90,7 @@ class Service:
         if not name or not all(c.isalnum() or c in "_-." for c in name):
             raise ConfigurationError(f"service name {name!r} must be non-empty letters, digits, '_', '-', '.'")
         self.name = name
-        self.group = group or name
+        self._group = group or name
         self._settings = settings
         self._transport = transport
         self._store = idempotency
@@ -149,6 +149,11 @@ class Service:
                 )
         self._by_type.setdefault(sub.event_type, []).append(sub)
         self._subs.append(sub)
+
+    @property
+    def group(self) -> str:
+        """The consumer group id: the service name (or ``group=``) after the settings' ``topic_prefix``."""
+        return self.settings.topic_prefix + self._group
 
     @property
     def subscriptions(self) -> list[Subscription]:

@@ -45,7 +45,8 @@ class Settings(BaseModel):
     kafka_config: dict[str, str | int | float | bool] = Field(default_factory=dict)
     #: Prefix for every Redis key choreo writes, so several systems can share one Redis.
     redis_prefix: str = "choreo:"
-    #: Prefix for every topic name (e.g. ``staging.``), so several environments can share one cluster.
+    #: Prefix for every topic name and consumer group id (e.g. ``staging.``), so several environments
+    #: can share one cluster.
     topic_prefix: str = Field(default="", pattern=r"^[a-zA-Z0-9._-]*$", max_length=100)
 
     create_topics: bool = True
@@ -61,7 +62,8 @@ class Settings(BaseModel):
     linger_ms: int = Field(default=5, ge=0, le=60_000)
     commit_interval_ms: int = Field(default=1_000, ge=10)
     #: How long an idempotency claim is held before another process may take over the event.
-    claim_lease_ms: int = Field(default=60_000, ge=100)
+    #: Keep it above the longest handler run; a crashed process's events wait this long to be retried.
+    claim_lease_ms: int = Field(default=30_000, ge=100)
     #: How long a finished event is remembered; longer than any retry or replay window.
     done_ttl_ms: int = Field(default=7 * 24 * 3_600_000, ge=1_000)
     #: Upper bound of the pause before a failed event is tried again.

@@ -58,6 +58,8 @@ def settings(endpoints: Endpoints, unique: str) -> Settings:
         topic_partitions=4,
         topic_replication=1,
         commit_interval_ms=200,
+        # A crashed test process's claims are taken over after 2 s rather than the default lease.
+        claim_lease_ms=2_000,
     )
 
 
@@ -72,6 +74,7 @@ def service_env(settings: Settings) -> dict[str, str]:
         CHOREO_TOPIC_PARTITIONS=str(settings.topic_partitions),
         CHOREO_TOPIC_REPLICATION=str(settings.topic_replication),
         CHOREO_COMMIT_INTERVAL_MS=str(settings.commit_interval_ms),
+        CHOREO_CLAIM_LEASE_MS=str(settings.claim_lease_ms),
         PYTHONUNBUFFERED="1",
     )
     return env
