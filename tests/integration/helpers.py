@@ -34,6 +34,7 @@ class ServiceProcess:
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+        self._log.close()
 
     def terminate(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:
