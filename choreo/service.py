@@ -59,7 +59,7 @@ class _Item:
 
 @dataclass(slots=True)
 class ServiceStats:
-    """Counters since start; read by tests and the CLI's summary."""
+    """Counters since start. ``halted`` keeps every partition stopped by a bad record, and why."""
 
     processed: int = 0
     skipped_duplicates: int = 0
@@ -103,7 +103,7 @@ class Service:
         self._halted: dict[TopicPartition, str] = {}
         self._resume_at: dict[TopicPartition, float] = {}
         self._failures: dict[TopicPartition, int] = {}
-        self.stats = ServiceStats(halted=self._halted)
+        self.stats = ServiceStats()
         self._log = logging.getLogger(f"choreo.service.{name}")
         self._started = False
         self._on_start: list[Callable[[], Awaitable[None]]] = []
@@ -402,7 +402,7 @@ class Service:
 
     def _halt(self, tp: TopicPartition, record: Record, exc: DecodeError) -> None:
         reason = f"{exc.reason}: {exc}"
-        self._halted[tp] = f"offset {record.offset}: {reason}"
+        self._halted[tp] = self.stats.halted[tp] = f"offset {record.offset}: {reason}"
         self._log.error(
             "cannot process %s [%d] offset %d: %s. Partition %s [%d] is stopped at this offset "
             "(nothing after it is processed) until the record is dealt with and the service restarted.",
