@@ -29,6 +29,7 @@ class Publisher:
         self._transport = transport
         self._wire: Wire | None = None
         self._ready_topics: set[str] = set()
+        self._registered: set[type[Event]] = set()
 
     @property
     def settings(self) -> Settings:
@@ -42,7 +43,7 @@ class Publisher:
 
             self._transport = KafkaTransport(self.settings, client_id=self.name)
         await self._transport.connect()
-        self._wire = Wire(self.name, topic_prefix=self.settings.topic_prefix)
+        self._wire = Wire(self.name, topic_prefix=self.settings.topic_prefix, lookup=self._transport.lookup_schema)
 
     async def publish(
         self,
@@ -77,6 +78,7 @@ class Publisher:
         ids = list(event_ids) if event_ids is not None else [new_event_id() for _ in events]
         assert self._wire is not None
         await self._ensure_topics(transport, {self.settings.topic_prefix + type(e).topic() for e in events})
+        await self._register(transport, {type(e) for e in events})
         records = [
             self._wire.encode(e, event_id=i, correlation_id=correlation_id or i, causation_id=causation_id, key=key)
             for e, i in zip(events, ids)
@@ -98,6 +100,12 @@ class Publisher:
                 [TopicSpec(t, s.topic_partitions, s.topic_replication) for t in sorted(missing)], create=s.create_topics
             )
             self._ready_topics |= missing
+
+    async def _register(self, transport: Transport, types: set[type[Event]]) -> None:
+        # Every schema is on the schema topic before the first event written with it.
+        for cls in sorted(types - self._registered, key=lambda t: t.event_type()):
+            await transport.register_schema(cls.avro_schema())
+            self._registered.add(cls)
 
     async def close(self) -> None:
         if self._transport is not None:

@@ -199,7 +199,10 @@ class Service:
         ]
         await self._transport.ensure_topics(specs, create=settings.create_topics)
         types = {s.event_type for s in self._subs} | {t for s in self._subs for t in s.emits}
-        self._wire = Wire(self.name, types, topic_prefix=settings.topic_prefix)
+        self._wire = Wire(self.name, types, topic_prefix=settings.topic_prefix,
+                          lookup=self._transport.lookup_schema)
+        for emitted in sorted({t for s in self._subs for t in s.emits}, key=lambda t: t.event_type()):
+            await self._transport.register_schema(emitted.avro_schema())
         self._by_topic = {settings.topic_prefix + t.topic(): (t, subs) for t, subs in self._by_type.items()}
         await self._transport.subscribe(
             self.consumed_topics(), self.group, on_assign=self._assigned, on_revoke=self._revoked

@@ -21,6 +21,12 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from choreo.schemas import AvroSchema
+
+#: The topic (after the settings' ``topic_prefix``) where producers register the Avro schemas they
+#: write, keyed by fingerprint, so consumers can resolve any writer schema, older or newer than theirs.
+SCHEMA_TOPIC = "_choreo.schemas"
+
 TopicPartition = tuple[str, int]
 Headers = list[tuple[str, bytes | None]]
 
@@ -96,6 +102,13 @@ class Transport(Protocol):
     def resume(self, partitions: Iterable[TopicPartition]) -> None: ...
 
     def assignment(self) -> list[TopicPartition]: ...
+
+    async def register_schema(self, schema: AvroSchema) -> None:
+        """Publish ``schema`` to the schema topic (once per process); returns after the broker's ack."""
+
+    def lookup_schema(self, fingerprint: int) -> AvroSchema | None:
+        """The writer schema with ``fingerprint`` from the schema topic, or None. Blocks: it may read
+        the topic, which happens once per schema version a process has not seen."""
 
     async def close(self) -> None:
         """Commit stored offsets, leave the group, flush the producer and release everything."""

@@ -9,22 +9,25 @@ a background thread serves its delivery callbacks so an ``await send(...)`` neve
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 try:
-    from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition as _TP
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition as _TP
     from confluent_kafka.admin import AdminClient
     from confluent_kafka.cimpl import NewTopic
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("choreo's Kafka transport needs 'confluent-kafka': pip install choreo") from exc
 
-from choreo.errors import ConfigurationError, PublishError, TransportError
+from choreo.errors import ChoreoError, ConfigurationError, PublishError, TransportError
 from choreo.settings import Settings
-from choreo.transport import OutgoingRecord, RebalanceListener, Record, TopicPartition, TopicSpec
+from choreo.schemas import AvroSchema, parse_schema
+from choreo.transport import SCHEMA_TOPIC, OutgoingRecord, RebalanceListener, Record, TopicPartition, TopicSpec
 
 log = logging.getLogger("choreo.kafka")
 
@@ -95,6 +98,9 @@ class KafkaTransport:
         self._on_assign: RebalanceListener | None = None
         self._on_revoke: RebalanceListener | None = None
         self._closed = False
+        self._registered: set[int] = set()
+        self._schemas: dict[int, AvroSchema] = {}
+        self._schema_misses: dict[int, float] = {}
 
     # -- connection and topics -------------------------------------------------------------------
 
@@ -246,6 +252,65 @@ class KafkaTransport:
         if self._consumer is None:
             raise TransportError("the transport is not subscribed")
         return self._consumer
+
+    # -- schema topic -------------------------------------------------------------------------------
+
+    @property
+    def _schema_topic(self) -> str:
+        return self._settings.topic_prefix + SCHEMA_TOPIC
+
+    async def register_schema(self, schema: AvroSchema) -> None:
+        if schema.fingerprint in self._registered:
+            return
+        # One partition keeps the registry a single ordered log; creation is idempotent.
+        await self.ensure_topics([TopicSpec(self._schema_topic, 1, self._settings.topic_replication)], create=True)
+        record = OutgoingRecord(
+            self._schema_topic, f"{schema.fingerprint:016x}".encode(), json.dumps(schema.raw).encode()
+        )
+        await self.send([record])
+        self._registered.add(schema.fingerprint)
+        self._schemas[schema.fingerprint] = schema
+
+    def lookup_schema(self, fingerprint: int) -> AvroSchema | None:
+        if fingerprint in self._schemas:
+            return self._schemas[fingerprint]
+        # An unknown fingerprint stays unknown for a while: a flood of garbage must not re-read the topic per record.
+        if time.monotonic() - self._schema_misses.get(fingerprint, -1e9) < 5.0:
+            return None
+        self._read_schema_topic()
+        if fingerprint not in self._schemas:
+            self._schema_misses[fingerprint] = time.monotonic()
+        return self._schemas.get(fingerprint)
+
+    def _read_schema_topic(self, timeout: float = 10.0) -> None:
+        reader = Consumer({
+            **self._common,
+            "group.id": f"{self._client_id}-schema-reader",  # required by the client; never joined or committed
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": 10,
+        })
+        try:
+            reader.assign([_TP(self._schema_topic, 0, OFFSET_BEGINNING)])
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                msg = reader.poll(0.2)
+                if msg is None:
+                    continue
+                err = msg.error()
+                if err is not None:
+                    if err.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
+                        break
+                    log.warning("reading %s: %s", self._schema_topic, err.str())
+                    continue
+                try:
+                    schema = parse_schema(msg.value().decode())  # type: ignore[union-attr]
+                except (ChoreoError, UnicodeDecodeError, AttributeError) as exc:
+                    log.warning("skipping a bad record in %s at offset %s: %s", self._schema_topic, msg.offset(), exc)
+                    continue
+                self._schemas[schema.fingerprint] = schema
+        finally:
+            reader.close()
 
     # -- producing ----------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from choreo.errors import ConfigurationError, PublishError, TransportError
+from choreo.schemas import AvroSchema
 from choreo.transport import OutgoingRecord, RebalanceListener, Record, TopicPartition, TopicSpec
 
 
@@ -32,6 +33,7 @@ class MemoryBroker:
         self.topics: dict[str, list[list[Record]]] = {}
         self.groups: dict[str, _Group] = {}
         self.default_partitions = default_partitions
+        self.schemas: dict[int, AvroSchema] = {}  # the schema topic
         self.available = True  # False simulates an outage: every call raises TransportError
 
     def create_topic(self, name: str, partitions: int) -> None:
@@ -171,6 +173,13 @@ class MemoryTransport:
 
     def send(self, records: Sequence[OutgoingRecord]) -> asyncio.Future[None]:
         return asyncio.ensure_future(self._send(records))
+
+    async def register_schema(self, schema: AvroSchema) -> None:
+        self._check()
+        self.broker.schemas[schema.fingerprint] = schema
+
+    def lookup_schema(self, fingerprint: int) -> AvroSchema | None:
+        return self.broker.schemas.get(fingerprint)
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         self._check()
