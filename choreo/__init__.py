@@ -35,6 +35,7 @@ __all__ = [
     "IdempotencyError",
     "IncompatibleSchemaError",
     "PublishError",
+    "Publisher",
     "SchemaError",
     "Service",
     "ServiceStats",

@@ -45,6 +45,10 @@ class Header:
     REQUIRED = (EVENT_ID, EVENT_TYPE, SCHEMA, CORRELATION_ID, OCCURRED_AT, PRODUCER)
 
 
+#: model_config keys that make pydantic check or change values, so a decoded value must be validated.
+_VALIDATING_CONFIG = ("str_strip_whitespace", "str_to_lower", "str_to_upper", "str_min_length",
+                      "str_max_length")
+
 _PLAIN_TYPES: frozenset[Any] = frozenset({int, str, float, bool, bytes, type(None)})
 
 
@@ -103,7 +107,8 @@ class Event(BaseModel):
         cls.__choreo_schema__ = bound
         cls.__choreo_topic__ = topic or default_topic(bound)
         _check_topic_name(cls.__choreo_topic__, cls.__name__)
-        cls.__choreo_trusted__ = not cls.__pydantic_decorators__.field_validators and not (
+        cls.__choreo_trusted__ = not any(cls.model_config.get(k) for k in _VALIDATING_CONFIG) and not (
+            cls.__pydantic_decorators__.field_validators) and not (
             cls.__pydantic_decorators__.model_validators
         ) and all(
             _is_plain(f.annotation) and not f.metadata for f in cls.model_fields.values()

@@ -87,7 +87,7 @@ class Publisher:
         return ids
 
     async def _ensure_started(self) -> Transport:
-        if self._transport is None:
+        if self._wire is None:
             await self.start()
         assert self._transport is not None
         return self._transport

@@ -101,6 +101,7 @@ class Service:
         self._owner = f"{name}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop_requested = False
         self._halted: dict[TopicPartition, str] = {}
+        self._halted_at: dict[TopicPartition, int] = {}
         self._resume_at: dict[TopicPartition, float] = {}
         self._failures: dict[TopicPartition, int] = {}
         self.stats = ServiceStats()
@@ -248,6 +249,7 @@ class Service:
         # A fresh assignment starts unpaused at the committed offset: forget local pauses.
         for tp in partitions:
             self._halted.pop(tp, None)
+            self._halted_at.pop(tp, None)
             self._resume_at.pop(tp, None)
             self._failures.pop(tp, None)
         self._log.info("assigned %s", sorted(partitions))
@@ -255,6 +257,7 @@ class Service:
     def _revoked(self, partitions: Sequence[TopicPartition]) -> None:
         for tp in partitions:
             self._halted.pop(tp, None)
+            self._halted_at.pop(tp, None)
             self._resume_at.pop(tp, None)
         self._log.info("revoked %s", sorted(partitions))
 
@@ -286,7 +289,14 @@ class Service:
         blocked: set[TopicPartition] = set()
         for record in records:
             tp = (record.topic, record.partition)
-            if tp in blocked or tp in self._halted or tp in self._resume_at:
+            if tp in blocked or tp in self._resume_at:
+                continue
+            halted_at = self._halted_at.get(tp)
+            if halted_at is not None and record.offset >= halted_at:
+                # Resumed for the retry of an earlier record: stop again at the undecodable one.
+                transport.seek(tp, halted_at)
+                transport.pause([tp])
+                blocked.add(tp)
                 continue
             route = self._by_topic.get(record.topic)
             if route is None:
@@ -313,7 +323,14 @@ class Service:
             self._log.error("%s; pausing %d partitions", exc, len(partitions))
             self._rewind_all(partitions, transport)
             return
+        claimed_here: set[str] = set()
         for item, claim in zip(all_items, claims):
+            if claim is ClaimResult.CLAIMED and item.key in claimed_here:
+                # A second copy of an event in this batch: the store grants our own claim again, so
+                # treat it as busy; once the first copy is done, the retry finds it DONE and skips it.
+                claim = ClaimResult.BUSY
+            elif claim is ClaimResult.CLAIMED:
+                claimed_here.add(item.key)
             item.claim = claim
 
         await asyncio.gather(*(self._run_partition(items) for items in partitions.values()))
@@ -406,6 +423,7 @@ class Service:
     def _halt(self, tp: TopicPartition, record: Record, exc: DecodeError) -> None:
         reason = f"{exc.reason}: {exc}"
         self._halted[tp] = self.stats.halted[tp] = f"offset {record.offset}: {reason}"
+        self._halted_at[tp] = record.offset
         self._log.error(
             "cannot process %s [%d] offset %d: %s. Partition %s [%d] is stopped at this offset "
             "(nothing after it is processed) until the record is dealt with and the service restarted.",

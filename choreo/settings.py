@@ -97,7 +97,7 @@ class Settings(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ConfigurationError(_describe(exc, "Settings")) from None
+            raise ConfigurationError(_describe(exc, "Settings")) from exc
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -128,9 +128,13 @@ class Settings(BaseModel):
                 data[name] = env[var]
         data.update(overrides)
         try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise ConfigurationError(_describe(exc, "settings from environment", env_names=True)) from None
+            return cls(**data)
+        except ConfigurationError as exc:
+            if not isinstance(exc.__cause__, ValidationError):
+                raise
+            raise ConfigurationError(
+                _describe(exc.__cause__, "settings from environment", env_names=True)
+            ) from None
 
 
 def _read_properties(path: Path) -> dict[str, str]:
