@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 KAFKA_STATE ?= $(or $(TMPDIR),/tmp)/choreo-kafka-$(shell id -u)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-unit test-kafka dev lint typecheck clean
+.PHONY: install demo test test-unit test-kafka dev bench-chain clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test-unit: install
 test-kafka: install
 	$(PY) scripts/apache_kafka.py run --state-dir $(KAFKA_STATE) -- \
 		$(PY) -m pytest tests/integration tests/conformance $(PYTEST_ARGS)
+
+## Throughput of the two-service chain on the embedded stack.
+bench-chain: install
+	$(PY) -m bench.chain
 
 ## A local broker and Redis until Ctrl-C.
 dev: install
