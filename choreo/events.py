@@ -107,7 +107,8 @@ class Event(BaseModel):
         cls.__choreo_schema__ = bound
         cls.__choreo_topic__ = topic or default_topic(bound)
         _check_topic_name(cls.__choreo_topic__, cls.__name__)
-        cls.__choreo_trusted__ = not any(cls.model_config.get(k) for k in _VALIDATING_CONFIG) and not (
+        cls.__choreo_trusted__ = not cls.__private_attributes__ and cls.__pydantic_post_init__ is None and not any(
+            cls.model_config.get(k) for k in _VALIDATING_CONFIG) and not (
             cls.__pydantic_decorators__.field_validators) and not (
             cls.__pydantic_decorators__.model_validators
         ) and all(
@@ -138,7 +139,15 @@ class Event(BaseModel):
     def from_avro(cls, record: dict[str, Any]) -> Event:
         """Build an event from an Avro-decoded record (pydantic.ValidationError if it fails the model)."""
         if cls.__choreo_trusted__:
-            return cls.model_construct(**record)
+            # What model_construct does, minus defaults handling: Avro resolution already filled every
+            # field of the reader schema, which check_model proved equal to the model's fields.
+            event = object.__new__(cls)
+            _set = object.__setattr__
+            _set(event, "__dict__", record)
+            _set(event, "__pydantic_fields_set__", set(record))
+            _set(event, "__pydantic_extra__", None)
+            _set(event, "__pydantic_private__", None)
+            return event
         return cls.model_validate(record)
 
 

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from choreo.context import Context
 from choreo.errors import ChoreoError, ConfigurationError, DecodeError, IdempotencyError, TransportError
-from choreo.events import Envelope, Event
+from choreo.events import Envelope, Event, utc_now_iso
 from choreo.idempotency import ClaimResult, IdempotencyStore, idempotency_key
 from choreo.routing import Handler, Subscription
 from choreo.settings import Settings
@@ -107,6 +107,7 @@ class Service:
         self.stats = ServiceStats()
         self._log = logging.getLogger(f"choreo.service.{name}")
         self._started = False
+        self._batch_time = ""
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
 
@@ -281,6 +282,9 @@ class Service:
         settings = self.settings
         prefix = settings.redis_prefix
         self.stats.batches += 1
+        # One timestamp per batch for every emitted event: isoformat per event is measurable, and a
+        # batch is processed within milliseconds.
+        self._batch_time = utc_now_iso()
 
         # Decode, grouped by partition in offset order. A record that cannot be decoded halts its
         # partition right there; the records after it are fetched again once it is dealt with.
@@ -403,6 +407,7 @@ class Service:
                         correlation_id=env.correlation_id,
                         causation_id=env.event_id,
                         key=key,
+                        occurred_at=self._batch_time,
                     )
                     for index, (event, key) in enumerate(ctx.emitted)
                 ]
