@@ -14,12 +14,22 @@ service = Service("notification")
 state = ServiceState(service)
 
 
+# "Send the e-mail once": the guard and the effect in one atomic step, so a crash between them
+# cannot leave the guard set and the notification unsent.
+_SEND_ONCE = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
 async def _notify(order_id: str, outcome: str, ctx: Context) -> None:
-    # SET NX on the idempotency key is the "send the e-mail once" of this reference service.
-    first = await state.redis.set(f"{state.prefix}effect:{ctx.idempotency_key}", "1", nx=True,
-                                  px=service.settings.done_ttl_ms)
-    if first:
-        await state.redis.hset(f"{state.prefix}sent", order_id, outcome)
+    await state.redis.eval(
+        _SEND_ONCE, 2, f"{state.prefix}effect:{ctx.idempotency_key}", f"{state.prefix}sent",
+        service.settings.done_ttl_ms, order_id, outcome,
+    )
     ctx.emit(CustomerNotified(order_id=order_id, customer_id="", outcome=outcome))
 
 

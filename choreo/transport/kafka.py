@@ -99,6 +99,7 @@ class KafkaTransport:
         self._on_revoke: RebalanceListener | None = None
         self._closed = False
         self._registered: set[int] = set()
+        self._cooperative = "cooperative" in str(settings.kafka_config.get("partition.assignment.strategy", ""))
         self._schemas: dict[int, AvroSchema] = {}
         self._schema_misses: dict[int, float] = {}
 
@@ -183,6 +184,14 @@ class KafkaTransport:
         )
 
     def _assigned(self, consumer: Consumer, partitions: list[_TP]) -> None:
+        # librdkafka remembers a partition's pause flag across revoke and assign; a partition handed
+        # (back) to us must start delivering from its committed offset, as the Transport contract says.
+        if self._cooperative:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
+        if partitions:
+            consumer.resume(partitions)
         if self._on_assign:
             self._on_assign([(p.topic, p.partition) for p in partitions])
 

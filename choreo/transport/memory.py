@@ -159,20 +159,24 @@ class MemoryTransport:
             log = self.broker.topics[tp[0]][tp[1]]
             position = self._positions[tp]
             chunk = log[position : position + max_records - len(out)]
-            out.extend(chunk)
+            # Each consumer gets its own copies, as records read off the network would be.
+            out.extend(Record(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers), r.timestamp_ms)
+                       for r in chunk)
             self._positions[tp] = position + len(chunk)
             if len(out) >= max_records:
                 break
         return out
 
-    async def _send(self, records: Sequence[OutgoingRecord]) -> None:
+    def send(self, records: Sequence[OutgoingRecord]) -> asyncio.Future[None]:
+        # Records are handed over when send() is called, as with a real producer's queue.
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if not self.broker.available:
-            raise PublishError("broker did not acknowledge: memory broker unavailable")
+            future.set_exception(PublishError("broker did not acknowledge: memory broker unavailable"))
+            return future
         for r in records:
             self.broker.append(r)
-
-    def send(self, records: Sequence[OutgoingRecord]) -> asyncio.Future[None]:
-        return asyncio.ensure_future(self._send(records))
+        future.set_result(None)
+        return future
 
     async def register_schema(self, schema: AvroSchema) -> None:
         self._check()
