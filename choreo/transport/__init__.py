@@ -10,9 +10,11 @@ Contract, for a transport used by one consumer-group member:
 * ``commit`` records, per partition, the offset of the next record to read. It is asynchronous and
   may be batched; ``close`` and revocation commit whatever was stored before the partition is given
   up. A member that dies without committing has its partitions re-read from the last commit.
-* ``send`` resolves once the broker has acknowledged every record (``acks=all``), or raises
-  ``PublishError``. Records of one key sent in one call keep their order.
-* ``pause``/``resume`` stop and restart delivery of partitions without losing their position.
+* ``send`` takes its records when called (the caller may reuse the list), and the awaitable resolves
+  once the broker has acknowledged every record (``acks=all``), or raises ``PublishError``. Records
+  of one key keep their order. Sending on a closed transport raises ``TransportError``.
+* ``pause``/``resume`` stop and restart delivery of partitions without losing their position. A
+  partition (re)assigned by a rebalance starts unpaused at its committed offset.
 """
 
 from __future__ import annotations

@@ -324,6 +324,8 @@ class KafkaTransport:
     # -- producing ----------------------------------------------------------------------------------
 
     def send(self, records: Sequence[OutgoingRecord]) -> asyncio.Future[None]:
+        if self._closed:
+            raise TransportError("cannot send: the transport is closed")
         loop = asyncio.get_running_loop()
         acks = _Acks(loop, len(records))
         if not records:

@@ -169,6 +169,8 @@ class MemoryTransport:
 
     def send(self, records: Sequence[OutgoingRecord]) -> asyncio.Future[None]:
         # Records are handed over when send() is called, as with a real producer's queue.
+        if self._closed:
+            raise TransportError("cannot send: the transport is closed")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if not self.broker.available:
             future.set_exception(PublishError("broker did not acknowledge: memory broker unavailable"))

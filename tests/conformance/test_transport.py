@@ -397,3 +397,11 @@ async def test_a_partition_reassigned_by_a_rebalance_starts_unpaused(make_transp
 
     assert got_a, "the member that paused before the rebalance received nothing"
     assert Counter(values(got_a + got_b)) == Counter(r.value for r in sent)
+
+
+async def test_send_on_a_closed_transport_raises_transport_error(make_transport: TransportFactory) -> None:
+    producer = make_transport()
+    topic = await topic_with(make_transport, producer, "closed", 1)
+    await producer.close()
+    with pytest.raises(TransportError, match="closed"):
+        producer.send([OutgoingRecord(topic, b"k", b"v")])
