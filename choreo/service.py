@@ -55,6 +55,7 @@ class _Item:
     claim: ClaimResult = ClaimResult.BUSY
     outcome: int = _NOT_RUN
     out: list[OutgoingRecord] = field(default_factory=list)
+    copy_of: _Item | None = None  # an earlier item of this batch with the same idempotency key
 
 
 @dataclass(slots=True)
@@ -327,14 +328,16 @@ class Service:
             self._log.error("%s; pausing %d partitions", exc, len(partitions))
             self._rewind_all(partitions, transport)
             return
-        claimed_here: set[str] = set()
+        claimed_here: dict[str, _Item] = {}
         for item, claim in zip(all_items, claims):
-            if claim is ClaimResult.CLAIMED and item.key in claimed_here:
-                # A second copy of an event in this batch: the store grants our own claim again, so
-                # treat it as busy; once the first copy is done, the retry finds it DONE and skips it.
-                claim = ClaimResult.BUSY
-            elif claim is ClaimResult.CLAIMED:
-                claimed_here.add(item.key)
+            if claim is ClaimResult.CLAIMED:
+                first = claimed_here.get(item.key)
+                if first is None:
+                    claimed_here[item.key] = item
+                else:
+                    # A second copy of an event in this batch (the store grants our own claim again).
+                    item.copy_of = first
+                    claim = ClaimResult.BUSY
             item.claim = claim
 
         await asyncio.gather(*(self._run_partition(items) for items in partitions.values()))
@@ -387,6 +390,13 @@ class Service:
                 item.outcome = _SKIPPED
                 continue
             if item.claim is ClaimResult.BUSY:
+                first = item.copy_of
+                if first is not None and first.outcome == _OK and (first.record.topic, first.record.partition) == (
+                    item.record.topic, item.record.partition):
+                    # The copy's first delivery ran earlier in this partition: it is a duplicate.
+                    item.outcome = _SKIPPED
+                    continue
+                # Held elsewhere (another process, or a copy on another partition): try again shortly.
                 item.outcome = _BUSY
                 return
             env = item.envelope

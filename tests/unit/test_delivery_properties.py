@@ -1,0 +1,89 @@
+"""Property tests of the delivery contract on the memory transport: whatever the pattern of duplicate
+deliveries, handler failures and member crashes, each event has exactly one effect and every key's
+events take effect in publish order."""
+
+from __future__ import annotations
+
+import asyncio
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from choreo import Context, Event, Publisher, Service, Settings
+from choreo.schemas import parse_schema
+from choreo.stores.memory import MemoryIdempotencyStore
+from choreo.transport.memory import MemoryBroker, MemoryTransport
+
+
+class Step(Event, schema=parse_schema({
+    "type": "record", "name": "Step", "namespace": "prop", "version": 1,
+    "fields": [{"name": "key", "type": "string"}, {"name": "seq", "type": "int"}],
+})):
+    key: str
+    seq: int
+
+
+# (key index, number of copies published, failures before the handler succeeds)
+deliveries = st.lists(
+    st.tuples(st.integers(0, 5), st.integers(1, 3), st.integers(0, 2)), min_size=1, max_size=40
+)
+
+
+async def _scenario(plan: list[tuple[int, int, int]], crash_after: int | None) -> None:
+    broker = MemoryBroker()
+    config = Settings(topic_prefix="p.", topic_partitions=3, batch_size=7, max_backoff_ms=1)
+    store = MemoryIdempotencyStore()
+    effects: dict[str, list[int]] = {}
+    failures_left: dict[str, int] = {}
+
+    transports: list[MemoryTransport] = []
+
+    def build() -> Service:
+        transports.append(MemoryTransport(broker))
+        service = Service("prop", settings=config, transport=transports[-1], idempotency=store)
+
+        @service.on(Step)
+        async def apply(event: Step, ctx: Context) -> None:
+            left = failures_left.get(ctx.event_id, 0)
+            if left:
+                failures_left[ctx.event_id] = left - 1
+                raise RuntimeError("transient")
+            effects.setdefault(event.key, []).append(event.seq)
+
+        return service
+
+    publisher = Publisher("web", settings=config, transport=MemoryTransport(broker))
+    await publisher.start()
+    expected: dict[str, list[int]] = {}
+    for seq, (key_index, copies, failures) in enumerate(plan):
+        key = f"k{key_index}"
+        event_id = f"e{seq}"
+        failures_left[event_id] = failures
+        expected.setdefault(key, []).append(seq)
+        for _ in range(copies):  # a producer retrying after a lost ack publishes the same id again
+            await publisher.publish(Step(key=key, seq=seq), event_id=event_id, correlation_id=key)
+
+    service = build()
+    await service.start()
+    polls = 0
+    while effects != expected:
+        polls += 1
+        assert polls < 2_000, f"stuck: {effects} != {expected}"
+        if crash_after is not None and polls == crash_after:
+            # The member dies without committing; a new one re-reads from the last commit. Its claims
+            # are its owner's: let the lease lapse as a real crash would.
+            transports[-1].crash()
+            store.expire_claims()
+            service = build()
+            await service.start()
+        await service.poll_once(timeout=0)
+        await asyncio.sleep(0.002)  # lets a retry's backoff (max_backoff_ms=1) run out
+    await service.close()
+    await publisher.close()
+    assert effects == expected
+
+
+@hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan=deliveries, crash_after=st.one_of(st.none(), st.integers(1, 6)))
+def test_any_duplicates_failures_and_crashes_give_one_effect_per_event_in_key_order(
+    plan: list[tuple[int, int, int]], crash_after: int | None
+) -> None:
+    asyncio.run(_scenario(plan, crash_after))
