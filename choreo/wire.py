@@ -57,14 +57,15 @@ def _to_avro(value: Any) -> Any:
 
 
 class _TypeInfo:
-    __slots__ = ("cls", "codec", "type_name", "type_header", "schema_header", "topic", "to_record")
+    __slots__ = ("cls", "codec", "type_name", "type_bytes", "type_header", "schema_header", "topic", "to_record")
 
     def __init__(self, cls: type[Event], codec: Codec, topic_prefix: str) -> None:
         schema = cls.avro_schema()
         self.cls = cls
         self.codec = codec
         self.type_name = schema.full_name
-        self.type_header = (_H_TYPE, schema.full_name.encode())
+        self.type_bytes = schema.full_name.encode()
+        self.type_header = (_H_TYPE, self.type_bytes)
         self.schema_header = (_H_SCHEMA, f"{schema.fingerprint:016x}".encode())
         self.topic = topic_prefix + cls.topic()
         self.to_record: Callable[[Event], Any] = (
@@ -139,40 +140,36 @@ class Wire:
         not-avro, unknown-schema, invalid (the value fails the model's validation).
         """
         info = self._types.get(cls) or self.add(cls)
-        headers: dict[str, bytes | None] = dict(record.headers)
+        headers: dict[str, Any] = dict(record.headers)
         try:
-            event_id = headers[_H_ID]
             event_type = headers[_H_TYPE]
-            correlation = headers[_H_CORR]
-            occurred = headers[_H_AT]
-            producer = headers[_H_PROD]
-            schema = headers[_H_SCHEMA]
+            event_id = headers[_H_ID].decode()
+            correlation = headers[_H_CORR].decode()
+            occurred = headers[_H_AT].decode()
+            producer = headers[_H_PROD].decode()
+            fingerprint = int(headers[_H_SCHEMA], 16)
+            cause = headers.get(_H_CAUSE)
+            attempt = headers.get(_H_ATTEMPT)
+            causation_id = cause.decode() if cause else None
+            attempts = int(attempt) if attempt else 1
         except KeyError as exc:
             raise DecodeError(f"header {exc.args[0]!r} is missing", reason="missing-header") from None
-        try:
-            type_name = event_type.decode() if event_type is not None else ""
-            env = Envelope(
-                event_id=_text(event_id, _H_ID),
-                event_type=type_name,
-                correlation_id=_text(correlation, _H_CORR),
-                causation_id=_optional_text(headers.get(_H_CAUSE)),
-                occurred_at=_text(occurred, _H_AT),
-                producer=_text(producer, _H_PROD),
-                fingerprint=int(_text(schema, _H_SCHEMA), 16),
-                attempt=int(_optional_text(headers.get(_H_ATTEMPT)) or 1),
-                key=record.key,
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-                headers=record.headers,
-            )
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (AttributeError, TypeError, UnicodeDecodeError, ValueError) as exc:
             raise DecodeError(f"malformed header: {exc}", reason="bad-header") from None
-        if type_name != info.type_name:
+        if not (event_id and correlation and occurred and producer):
+            empty = next(n for n, v in ((_H_ID, event_id), (_H_CORR, correlation), (_H_AT, occurred),
+                                        (_H_PROD, producer)) if not v)
+            raise DecodeError(f"malformed header: header {empty!r} is empty", reason="bad-header")
+        if event_type != info.type_bytes:
+            shown = event_type.decode(errors="replace") if isinstance(event_type, bytes) else event_type
             raise DecodeError(
-                f"event type {type_name!r} on topic {record.topic}, which carries {info.type_name}",
+                f"event type {shown!r} on topic {record.topic}, which carries {info.type_name}",
                 reason="wrong-type",
             )
+        env = Envelope(
+            event_id, info.type_name, correlation, causation_id, occurred, producer, fingerprint, attempts,
+            record.key, record.topic, record.partition, record.offset, record.headers,
+        )
         if record.value is None:
             raise DecodeError("the record has no value", reason="not-avro")
         data = info.codec.decode(record.value)
@@ -187,11 +184,3 @@ class Wire:
         return env, event
 
 
-def _text(value: bytes | None, name: str) -> str:
-    if not value:
-        raise ValueError(f"header {name!r} is empty")
-    return value.decode()
-
-
-def _optional_text(value: bytes | None) -> str | None:
-    return value.decode() if value else None
