@@ -219,9 +219,9 @@ class Service:
 
     async def run(self, *, until: Callable[[], bool] | None = None) -> None:
         """Start (if needed), process until ``stop()`` (or ``until()`` is true), then close."""
-        if not self._started:
-            await self.start()
         try:
+            if not self._started:
+                await self.start()
             while not self._stop_requested and not (until and until()):
                 await self.poll_once()
         finally:

@@ -69,12 +69,13 @@ class KafkaTransport:
     def __init__(self, settings: Settings, *, client_id: str = "choreo") -> None:
         self._settings = settings
         self._client_id = client_id
+        self._connected = False
         common: dict[str, Any] = {
             "bootstrap.servers": settings.kafka_bootstrap,
             "client.id": client_id,
             "error_cb": self._on_error,
             # librdkafka's own log lines go through Python logging instead of straight to stderr.
-            "logger": logging.getLogger("choreo.librdkafka"),
+            "logger": self._librdkafka_logger(client_id),
             **settings.kafka_config,
         }
         self._common = common
@@ -118,6 +119,7 @@ class KafkaTransport:
             raise TransportError(
                 f"cannot reach Kafka at {self._settings.kafka_bootstrap}: {exc.args[0].str() if exc.args else exc}"
             ) from None
+        self._connected = True
 
     async def list_topics(self) -> dict[str, int]:
         meta = await asyncio.to_thread(self._admin_client().list_topics, timeout=10)
@@ -348,11 +350,20 @@ class KafkaTransport:
         while not self._stop_polling.is_set():
             self._producer.poll(0.05)
 
+    def _librdkafka_logger(self, client_id: str) -> logging.Logger:
+        logger = logging.getLogger(f"choreo.librdkafka.{client_id}")
+        # Until the broker has answered once, connection failures are summed up by connect()'s one
+        # error naming the address; librdkafka would otherwise log every reconnect attempt.
+        logger.addFilter(lambda record: self._connected or record.levelno >= logging.CRITICAL)
+        return logger
+
     def _on_error(self, error: KafkaError) -> None:
         if error.fatal():
             log.error("fatal Kafka error: %s", error.str())
-        else:
+        elif self._connected:
             log.warning("Kafka: %s", error.str())
+        else:
+            log.debug("Kafka (not connected yet): %s", error.str())
 
     async def close(self) -> None:
         if self._closed:
