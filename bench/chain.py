@@ -1,10 +1,10 @@
-"""Throughput of the two-service chain (inventory -> notification) on the embedded stack.
+"""Throughput of the two-service chain (inventory -> payment) on the embedded stack.
 
     make bench-chain            # or: .venv/bin/python -m bench.chain --orders 20000
 
-Preloads N ``OrderPlaced`` events, then starts ``inventory`` and ``notification`` as separate
-processes (``choreo run``) and measures from the first order reserved until the last customer is
-notified, so the consumer-group joins are excluded. Every order crosses two services, so the chain
+Preloads N ``OrderPlaced`` events, then starts ``inventory`` and ``payment`` as separate processes
+(``choreo run``) and measures from the first order reserved until the last order is charged, so the
+consumer-group joins are excluded. Every order crosses two services, so the chain
 handles 2 x N events; both figures are printed.
 """
 
@@ -38,14 +38,14 @@ async def measure(settings: Settings, orders: int, log_dir: Path) -> dict[str, f
     procs = [
         subprocess.Popen([sys.executable, "-m", "choreo.cli", "--log-level", "WARNING", "run", target], env=env,
                          stdout=open(log_dir / f"{target.split(':')[0]}.log", "w"), stderr=subprocess.STDOUT)
-        for target in ("services.inventory:service", "services.notification:service")
+        for target in ("services.inventory:service", "services.payment:service")
     ]
     effect_prefix = f"{settings.redis_prefix}inventory:effect:*"
     try:
         while not [k async for k in r.scan_iter(effect_prefix, count=100)]:
             await asyncio.sleep(0.01)
         started = time.perf_counter()
-        sent_key = f"{settings.redis_prefix}notification:sent"
+        sent_key = f"{settings.redis_prefix}payment:ledger"
         deadline = time.monotonic() + 600
         while int(await r.hlen(sent_key)) < orders:
             if time.monotonic() > deadline:

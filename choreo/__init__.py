@@ -17,8 +17,10 @@ from choreo.errors import (
     TransportError,
 )
 from choreo.events import Envelope, Event, Header
+from choreo.graph import FlowGraph, Problem, Step
 from choreo.publisher import BlockingPublisher, Publisher
 from choreo.routing import Subscription
+from choreo.saga import Saga
 from choreo.service import Service, ServiceStats
 from choreo.settings import Settings
 
@@ -31,15 +33,19 @@ __all__ = [
     "EmitError",
     "Envelope",
     "Event",
+    "FlowGraph",
     "Header",
     "IdempotencyError",
     "IncompatibleSchemaError",
+    "Problem",
     "PublishError",
     "Publisher",
+    "Saga",
     "SchemaError",
     "Service",
     "ServiceStats",
     "Settings",
+    "Step",
     "Subscription",
     "TransportError",
 ]

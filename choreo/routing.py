@@ -28,10 +28,24 @@ class Subscription:
     handler: Handler
     name: str
     emits: frozenset[type[Event]]
+    #: True for a compensating handler: it runs on the failure path and may never lead to a forward step.
+    compensation: bool = False
+    #: The forward handler (of the same service) whose effects this compensation undoes.
+    undoes: str | None = None
+    #: False for a forward step that needs no compensation (e.g. it changes nothing).
+    compensable: bool = True
 
     @classmethod
     def build(
-        cls, event_type: type[Event], handler: Handler, *, emits: Sequence[type[Event]] = (), name: str | None = None
+        cls,
+        event_type: type[Event],
+        handler: Handler,
+        *,
+        emits: Sequence[type[Event]] = (),
+        name: str | None = None,
+        compensation: bool = False,
+        undoes: str | None = None,
+        compensable: bool = True,
     ) -> Subscription:
         where = f"handler {getattr(handler, '__qualname__', handler)!r}"
         if not (isinstance(event_type, type) and issubclass(event_type, Event)):
@@ -46,4 +60,7 @@ class Subscription:
         handler_name = name or getattr(handler, "__name__", "")
         if not handler_name or not all(c.isalnum() or c in "_-." for c in handler_name):
             raise ConfigurationError(f"{where}: handler name {handler_name!r} must be letters, digits, '_', '-', '.'")
-        return cls(event_type, handler, handler_name, frozenset(emits))
+        if undoes is not None and not compensation:
+            raise ConfigurationError(f"{where}: only a compensation (service.compensate) can undo a step")
+        return cls(event_type, handler, handler_name, frozenset(emits), compensation, undoes,
+                   compensable and not compensation)

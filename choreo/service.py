@@ -115,16 +115,50 @@ class Service:
     # -- declaration --------------------------------------------------------------------------------
 
     def on(
-        self, event_type: type[Event], *, emits: Sequence[type[Event]] = (), name: str | None = None
+        self,
+        event_type: type[Event],
+        *,
+        emits: Sequence[type[Event]] = (),
+        name: str | None = None,
+        compensable: bool = True,
     ) -> Callable[[H], H]:
-        """Register the decorated ``async def handler(event, ctx)`` for ``event_type``.
+        """Register the decorated ``async def handler(event, ctx)`` for ``event_type``: a forward step.
 
         ``emits`` lists every event type the handler may emit; emitting another raises ``EmitError``.
         The handler's ``name`` (default: the function name) is part of its idempotency keys.
+        ``compensable=False`` declares that the step needs no compensation when a later step fails
+        (the flow-graph check otherwise asks for one).
         """
 
         def register(fn: H) -> H:
-            self.add(Subscription.build(event_type, fn, emits=emits, name=name))
+            self.add(Subscription.build(event_type, fn, emits=emits, name=name, compensable=compensable))
+            return fn
+
+        return register
+
+    def compensate(
+        self,
+        event_type: type[Event],
+        *,
+        undoes: str | Callable[..., Any] | None = None,
+        emits: Sequence[type[Event]] = (),
+        name: str | None = None,
+    ) -> Callable[[H], H]:
+        """Register a compensating handler: it reacts to a failure event on the saga's failure path.
+
+        ``undoes`` names the forward handler of this service whose effects it reverses (the handler
+        itself or its name). Compensations may only emit events that lead to other compensations or
+        to the saga's end; ``choreo graph check`` rejects one that leads to a forward step.
+        """
+        target = undoes if isinstance(undoes, str) or undoes is None else getattr(undoes, "__name__", None)
+
+        def register(fn: H) -> H:
+            if target is not None and not any(s.name == target and not s.compensation for s in self._subs):
+                raise ConfigurationError(
+                    f"service {self.name}: compensation {name or fn.__name__!r} undoes {target!r}, "
+                    "which is not a forward handler of this service (register the step first)"
+                )
+            self.add(Subscription.build(event_type, fn, emits=emits, name=name, compensation=True, undoes=target))
             return fn
 
         return register

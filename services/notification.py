@@ -1,43 +1,30 @@
 """Notification: tells the customer how their order went. ``choreo run services.notification:service``.
 
-Each notification is recorded once in Redis (``<prefix>notification:sent``, order id -> outcome),
-using the handler's idempotency key so a re-run after a crash sends nothing twice.
+Each notification is recorded once in Redis (``<prefix>notification:sent``: order id -> outcome),
+guarded by the handler's idempotency key so a re-run after a crash sends nothing twice.
 """
 
 from __future__ import annotations
 
 from choreo import Context, Service
 from services._redis import ServiceState
-from services.events import CustomerNotified, InventoryRejected, InventoryReserved
+from services.events import CustomerNotified, OrderCancelled, ShipmentScheduled
 
 service = Service("notification")
 state = ServiceState(service)
 
-
-# "Send the e-mail once": the guard and the effect in one atomic step, so a crash between them
-# cannot leave the guard set and the notification unsent.
-_SEND_ONCE = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
-  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-  return 1
-end
-return 0
+_SEND = """
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return ARGV[3]
 """
 
 
-async def _notify(order_id: str, outcome: str, ctx: Context) -> None:
-    await state.redis.eval(
-        _SEND_ONCE, 2, f"{state.prefix}effect:{ctx.idempotency_key}", f"{state.prefix}sent",
-        service.settings.done_ttl_ms, order_id, outcome,
-    )
-    ctx.emit(CustomerNotified(order_id=order_id, customer_id="", outcome=outcome))
+@service.on(ShipmentScheduled, emits=[CustomerNotified], compensable=False)
+async def notify_shipped(event: ShipmentScheduled, ctx: Context) -> None:
+    await state.once(ctx, _SEND, [state.key("sent")], [event.order_id, "shipped"])
+    ctx.emit(CustomerNotified(order_id=event.order_id, customer_id=event.customer_id, outcome="shipped"))
 
 
-@service.on(InventoryReserved, emits=[CustomerNotified])
-async def notify_reserved(event: InventoryReserved, ctx: Context) -> None:
-    await _notify(event.order_id, "reserved", ctx)
-
-
-@service.on(InventoryRejected, emits=[CustomerNotified])
-async def notify_rejected(event: InventoryRejected, ctx: Context) -> None:
-    await _notify(event.order_id, "rejected", ctx)
+@service.compensate(OrderCancelled)
+async def notify_cancelled(event: OrderCancelled, ctx: Context) -> None:
+    await state.once(ctx, _SEND, [state.key("sent")], [event.order_id, "cancelled"])

@@ -4,6 +4,7 @@
     choreo publish TYPE JSON         publish one event and wait for the broker's ack
     choreo dev                       run the embedded broker and Redis until Ctrl-C
     choreo schema check              validate schemas and models, and compatibility against git
+    choreo graph [check] TARGET...   check or draw the choreography graph
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from choreo.errors import ChoreoError
 
 
 def _parser() -> argparse.ArgumentParser:
-    from choreo.cli import dev, publish, run, schema
+    from choreo.cli import dev, graph, publish, run, schema
 
     parser = argparse.ArgumentParser(prog="choreo", description="Event-driven choreography over Kafka.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (run, publish, dev, schema):
+    for module in (run, publish, dev, schema, graph):
         module.register(commands)
     return parser
 

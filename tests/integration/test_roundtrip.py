@@ -13,12 +13,20 @@ from services import events as checkout
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 
-ALL_TYPES = [checkout.OrderPlaced, checkout.InventoryReserved, checkout.InventoryRejected, checkout.CustomerNotified]
+ALL_TYPES = [t for t in vars(checkout).values() if isinstance(t, type) and issubclass(t, Event) and t is not Event]
 SAMPLES: list[Event] = [
     checkout.OrderPlaced(order_id="o1", customer_id="c1", sku="widget", quantity=2, amount_cents=1999),
-    checkout.InventoryReserved(order_id="o1", sku="widget", quantity=2),
-    checkout.InventoryRejected(order_id="o2", sku="gadget", reason="out of stock: ünïcödé ✓"),
-    checkout.CustomerNotified(order_id="o1", customer_id="c1", outcome="reserved"),
+    checkout.InventoryReserved(order_id="o1", sku="widget", quantity=2, customer_id="c1", amount_cents=1999),
+    checkout.InventoryRejected(order_id="o2", sku="gadget", reason="out of stock: ünïcödé ✓", customer_id="c2"),
+    checkout.InventoryReleased(order_id="o1", sku="widget", quantity=2, customer_id="c1"),
+    checkout.PaymentCaptured(order_id="o1", payment_id="p1", amount_cents=1999, customer_id="c1"),
+    checkout.PaymentDeclined(order_id="o3", reason="card declined", customer_id="c3"),
+    checkout.PaymentRefunded(order_id="o1", payment_id="p1", amount_cents=1999, customer_id="c1"),
+    checkout.OrderConfirmed(order_id="o1", customer_id="c1", amount_cents=1999),
+    checkout.ShipmentScheduled(order_id="o1", shipment_id="s1", customer_id="c1"),
+    checkout.ShippingUnavailable(order_id="o4", reason="no carrier", customer_id="c4"),
+    checkout.OrderCancelled(order_id="o4", reason="no carrier", customer_id="c4"),
+    checkout.CustomerNotified(order_id="o1", customer_id="c1", outcome="shipped"),
 ]
 
 

@@ -1,0 +1,24 @@
+"""The checkout saga and the services that carry it, for ``choreo graph`` and the saga tracker.
+
+    choreo graph check services.checkout:system
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from choreo import Saga
+from services import inventory, notification, order, payment, shipping
+from services.events import CustomerNotified, OrderCancelled, OrderPlaced
+
+checkout = Saga(
+    "checkout",
+    starts_with=OrderPlaced,
+    completes_on=[CustomerNotified],
+    fails_on=[OrderCancelled],
+    deadline=timedelta(seconds=60),
+    description="place -> reserve stock -> charge -> confirm -> ship -> notify; compensate in reverse",
+)
+
+services = [order.service, inventory.service, payment.service, shipping.service, notification.service]
+system = [*services, checkout]

@@ -1,0 +1,126 @@
+"""The reference checkout saga across five real service processes: the happy path, each failure path
+with its compensations, and 1,000 mixed orders with a service SIGKILLed and restarted midway."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from choreo import Settings
+from services._redis import chance
+from services.events import OrderPlaced
+from services.invariants import checkout_report
+from tests.integration.helpers import ServiceProcess, publish, wait_until
+
+pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow]
+
+SERVICES = ("order", "inventory", "payment", "shipping", "notification")
+FAILURES = {"CHECKOUT_DECLINE_ABOVE_CENTS": "40000", "CHECKOUT_SHIPPING_UNAVAILABLE_RATE": "0.3"}
+STOCK = {"gadget": 1_000_000, "rare": 2}
+
+
+class Checkout:
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.settings, self.log_dir = settings, log_dir
+        self.procs: dict[str, ServiceProcess] = {}
+        self.redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+        self.prefix = settings.redis_prefix
+
+    def start(self, name: str, generation: int = 1) -> None:
+        self.procs[name] = ServiceProcess(f"services.{name}:service", self.settings,
+                                          self.log_dir / f"{name}-{generation}.log", **FAILURES)
+
+    async def wait_ended(self, count: int, timeout: float) -> None:
+        async def ended() -> bool:
+            return int(await self.redis.hlen(f"{self.prefix}notification:sent")) >= count
+        await wait_until(ended, timeout, f"{count} sagas to end")
+
+    async def hash(self, name: str) -> dict[str, str]:
+        return {str(k): str(v) for k, v in (await self.redis.hgetall(self.prefix + name)).items()}
+
+
+@pytest.fixture
+async def checkout(settings: Settings, tmp_path: Path) -> AsyncIterator[Checkout]:
+    system = Checkout(settings, tmp_path)
+    for name in SERVICES:
+        system.start(name)
+    try:
+        yield system
+    finally:
+        codes = {name: proc.terminate() for name, proc in system.procs.items() if proc.proc.poll() is None}
+        await system.redis.aclose()
+        assert all(code == 0 for code in codes.values()), codes
+
+
+def _order(order_id: str, sku: str = "gadget", amount: int = 1_000, quantity: int = 1) -> OrderPlaced:
+    return OrderPlaced(order_id=order_id, customer_id=f"c-{order_id}", sku=sku, quantity=quantity, amount_cents=amount)
+
+
+def _ids(prefix: str, ships: bool, count: int = 1) -> list[str]:
+    """Order ids that the deterministic 30% shipping failure lets through (or not)."""
+    found = [f"{prefix}-{i}" for i in range(1000) if (chance(f"{prefix}-{i}", "shipping") >= 0.3) == ships]
+    return found[:count]
+
+
+@pytest.mark.timeout(120)
+async def test_each_path_ends_with_its_completed_steps_compensated(checkout: Checkout) -> None:
+    await checkout.redis.hset(f"{checkout.prefix}inventory:stock", mapping=STOCK)
+    happy, no_carrier = _ids("happy", True)[0], _ids("nocarrier", False)[0]
+    declined, out_of_stock = _ids("declined", True)[0], _ids("oos", True)[0]
+    orders = [
+        _order(happy, quantity=3),
+        _order(declined, amount=45_000, quantity=2),
+        _order(no_carrier, quantity=4),
+        _order(out_of_stock, sku="rare", quantity=5),
+    ]
+    await publish(checkout.settings, orders)
+    await checkout.wait_ended(len(orders), 90)
+
+    sent, status = await checkout.hash("notification:sent"), await checkout.hash("order:status")
+    ledger, refunds = await checkout.hash("payment:ledger"), await checkout.hash("payment:refunds")
+    held, stock = await checkout.hash("inventory:reservations"), await checkout.hash("inventory:stock")
+    shipments = await checkout.hash("shipping:shipments")
+
+    assert sent == {happy: "shipped", declined: "cancelled", no_carrier: "cancelled", out_of_stock: "cancelled"}
+    assert status == {happy: "confirmed", declined: "cancelled", no_carrier: "cancelled", out_of_stock: "cancelled"}
+    # Happy: charged once, stock held, shipped.
+    assert ledger[happy].endswith(":1000") and happy in shipments and held[happy] == "gadget:3"
+    # Declined: never charged; its reservation was released.
+    assert declined not in ledger and declined not in held
+    # No carrier: charged, then refunded, then released -- in reverse order of the steps.
+    assert no_carrier in ledger and refunds[no_carrier] == "1000" and no_carrier not in held
+    assert no_carrier not in shipments
+    # Out of stock: nothing to undo; nothing charged, stock untouched.
+    assert out_of_stock not in ledger and stock["rare"] == "2"
+    assert stock["gadget"] == str(1_000_000 - 3), "only the shipped order keeps its stock"
+    report = await checkout_report(checkout.redis, checkout.prefix, orders, STOCK)
+    assert report.ok, report.lines()
+
+
+@pytest.mark.timeout(240)
+async def test_a_thousand_mixed_orders_survive_a_sigkilled_service(checkout: Checkout) -> None:
+    stock = {"widget": 400, "gadget": 1_000_000}
+    await checkout.redis.hset(f"{checkout.prefix}inventory:stock", mapping=stock)
+    rng = random.Random(11)
+    orders = [
+        _order(f"mix-{i:04d}", sku=rng.choice(["widget", "gadget"]), amount=rng.randrange(500, 50_000),
+               quantity=rng.randint(1, 3))
+        for i in range(1000)
+    ]
+    await publish(checkout.settings, orders)
+
+    async def some_charged() -> bool:
+        return int(await checkout.redis.hlen(f"{checkout.prefix}payment:ledger")) >= 100
+    await wait_until(some_charged, 90, "100 orders to be charged")
+    checkout.procs["payment"].kill()
+    checkout.start("payment", generation=2)
+
+    await checkout.wait_ended(len(orders), 180)
+    report = await checkout_report(checkout.redis, checkout.prefix, orders, stock)
+    assert report.ok, report.lines()
+    assert report.details["shipped"] and report.details["declined"] and report.details["refunded"]
+    assert report.details["out_of_stock"], "the widget stock should run out"
