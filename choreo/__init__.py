@@ -20,7 +20,8 @@ from choreo.events import Envelope, Event, Header
 from choreo.graph import FlowGraph, Problem, Step
 from choreo.publisher import BlockingPublisher, Publisher
 from choreo.routing import Subscription
-from choreo.saga import Saga
+from choreo.saga import Saga, SagaTimedOut
+from choreo.tracker import SagaTracker
 from choreo.service import Service, ServiceStats
 from choreo.settings import Settings
 
@@ -41,6 +42,8 @@ __all__ = [
     "PublishError",
     "Publisher",
     "Saga",
+    "SagaTimedOut",
+    "SagaTracker",
     "SchemaError",
     "Service",
     "ServiceStats",

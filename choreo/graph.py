@@ -4,11 +4,12 @@ An edge ``a -[E]-> b`` means handler ``a`` may emit ``E`` and handler ``b`` cons
 (``service.on``) and compensations (``service.compensate``) are kept apart, so the graph can be
 checked before anything runs:
 
-* ``cycle``: the forward flow loops (``a -[E]-> b -[F]-> a``);
+* ``cycle``: the forward flow, or the compensation flow, loops (``a -[E]-> b -[F]-> a``);
 * ``unconsumed``: an emitted event that no handler consumes and that ends no saga;
 * ``unproduced``: a consumed event that no handler emits and that starts no saga;
 * ``missing-compensation``: a failure event after which a completed, compensable step has no
-  compensation reachable on the failure path;
+  compensation reachable on the failure path; a saga timeout (``SagaTimedOut``) counts as a failure
+  after any step, unless the saga is declared ``on_timeout="report"``;
 * ``compensation-leads-forward``: a compensation whose events reach a forward step.
 
 A *failure event* is one that a compensation consumes, or that a saga declares in ``fails_on``.
@@ -22,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from choreo.events import Event
-from choreo.saga import Saga
+from choreo.saga import Saga, SagaTimedOut
 from choreo.service import Service
 
 
@@ -70,7 +71,8 @@ class FlowGraph:
             self._consumers.setdefault(step.consumes, []).append(step)
             for event in step.emits:
                 self._producers.setdefault(event, []).append(step)
-        self._starts = {s.starts_with for s in self.sagas}
+        # SagaTimedOut comes from the saga tracker, which is not a service of the graph.
+        self._starts = {s.starts_with for s in self.sagas} | {SagaTimedOut}
         self._ends = {e for s in self.sagas for e in s.end_events}
         self._failures = {s.consumes for s in self.steps if s.compensation} | {
             e for s in self.sagas for e in s.fails_on
@@ -91,12 +93,12 @@ class FlowGraph:
     def producers(self, event: type[Event]) -> list[Step]:
         return list(self._producers.get(event, []))
 
-    def _forward_next(self, step: Step) -> list[tuple[type[Event], Step]]:
+    def _next(self, step: Step, compensation: bool) -> list[tuple[type[Event], Step]]:
         return [
             (event, nxt)
             for event in sorted(step.emits, key=lambda e: e.__name__)
             for nxt in self._consumers.get(event, [])
-            if not nxt.compensation
+            if nxt.compensation == compensation
         ]
 
     # -- checks -----------------------------------------------------------------------------------
@@ -107,10 +109,15 @@ class FlowGraph:
             *self._cycles(),
             *self._dangling(),
             *self._missing_compensations(),
+            *self._timeouts_uncompensated(),
             *self._compensations_leading_forward(),
         ]
 
     def _cycles(self) -> list[Problem]:
+        return [*self._cycles_of(False), *self._cycles_of(True)]
+
+    def _cycles_of(self, compensation: bool) -> list[Problem]:
+        flow = "compensation flow" if compensation else "forward flow"
         problems: list[Problem] = []
         state: dict[str, int] = {}  # 1 on the DFS stack, 2 finished
         path: list[tuple[Step, type[Event] | None]] = []
@@ -119,7 +126,7 @@ class FlowGraph:
         def visit(step: Step, via: type[Event] | None) -> None:
             state[step.id] = 1
             path.append((step, via))
-            for event, nxt in self._forward_next(step):
+            for event, nxt in self._next(step, compensation):
                 if state.get(nxt.id) == 1:
                     start = next(i for i, (s, _) in enumerate(path) if s.id == nxt.id)
                     loop = path[start:]
@@ -127,13 +134,13 @@ class FlowGraph:
                     if key not in seen_cycles:
                         seen_cycles.add(key)
                         text = loop[0][0].id + "".join(f" -[{e.__name__}]-> {s.id}" for s, e in loop[1:] if e)
-                        problems.append(Problem("cycle", f"the forward flow loops: {text} -[{event.__name__}]-> {nxt.id}"))
+                        problems.append(Problem("cycle", f"the {flow} loops: {text} -[{event.__name__}]-> {nxt.id}"))
                 elif nxt.id not in state:
                     visit(nxt, event)
             path.pop()
             state[step.id] = 2
 
-        for step in sorted((s for s in self.steps if not s.compensation), key=lambda s: s.id):
+        for step in sorted((s for s in self.steps if s.compensation == compensation), key=lambda s: s.id):
             if step.id not in state:
                 visit(step, None)
         return problems
@@ -196,6 +203,27 @@ class FlowGraph:
                     ))
         return problems
 
+    def _timeouts_uncompensated(self) -> list[Problem]:
+        """A saga can time out after any step: SagaTimedOut must lead to a compensation of each."""
+        problems: list[Problem] = []
+        undone = {(c.service, c.undoes) for c in self._compensations_from(SagaTimedOut) if c.undoes}
+        for saga in (s for s in self.sagas if s.on_timeout == "compensate"):
+            seen: dict[str, Step] = {}
+            queue = [saga.starts_with]
+            while queue:
+                for step in self._consumers.get(queue.pop(), []):
+                    if not step.compensation and step.id not in seen:
+                        seen[step.id] = step
+                        queue.extend(step.emits)
+            for step in sorted(seen.values(), key=lambda s: s.id):
+                if step.compensable and (step.service, step.handler) not in undone:
+                    problems.append(Problem(
+                        "missing-compensation",
+                        f"saga {saga.name}: a timeout (SagaTimedOut) after {step.id} leaves it uncompensated; "
+                        f"declare @service.compensate(..., undoes={step.handler!r}) reachable from SagaTimedOut",
+                    ))
+        return problems
+
     def _compensations_leading_forward(self) -> list[Problem]:
         problems: list[Problem] = []
         for comp in sorted((s for s in self.steps if s.compensation), key=lambda s: s.id):
@@ -252,8 +280,22 @@ class FlowGraph:
 
     def to_mermaid(self) -> str:
         """A Mermaid flowchart: forward edges solid, compensation edges dotted, compensations styled."""
-        lines = ["flowchart LR"]
         sources, sinks = self._events()
+        # Readable node ids, made unique: "a_b.c" and "a.b_c" must not become one node.
+        used = {f"in_{e.__name__}" for e in sources} | {f"out_{e.__name__}" for e in sinks}
+        ids: dict[str, str] = {}
+        for step in self.topological_order():
+            base = name = re.sub(r"[^A-Za-z0-9_]", "_", step.id)
+            n = 2
+            while name in used:
+                name, n = f"{base}_{n}", n + 1
+            used.add(name)
+            ids[step.id] = name
+
+        def _ident(text: str) -> str:
+            return ids.get(text, text)
+
+        lines = ["flowchart LR"]
         for event in sources:
             lines.append(f"  in_{_ident(event.__name__)}([{event.__name__}])")
         for step in self.topological_order():
@@ -300,10 +342,6 @@ class FlowGraph:
                     lines.append(f'  "{step.id}" -> "event:{event.__name__}" [label="{event.__name__}"];')
         lines.append("}")
         return "\n".join(lines) + "\n"
-
-
-def _ident(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", text)
 
 
 def _dot_edge(target: Step, *, inner: bool = False) -> str:

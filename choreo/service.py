@@ -34,6 +34,7 @@ from choreo.errors import ChoreoError, ConfigurationError, DecodeError, Idempote
 from choreo.events import Envelope, Event, utc_now_iso
 from choreo.idempotency import ClaimResult, IdempotencyStore, idempotency_key
 from choreo.routing import Handler, Subscription
+from choreo.saga import STOPPED_STATUSES
 from choreo.settings import Settings
 from choreo.transport import OutgoingRecord, Record, TopicPartition, TopicSpec, Transport
 from choreo.wire import Wire, derive_event_id
@@ -56,6 +57,7 @@ class _Item:
     outcome: int = _NOT_RUN
     out: list[OutgoingRecord] = field(default_factory=list)
     copy_of: _Item | None = None  # an earlier item of this batch with the same idempotency key
+    stopped_saga: str | None = None  # the status of a saga whose forward steps no longer run
 
 
 @dataclass(slots=True)
@@ -87,6 +89,7 @@ class Service:
         group: str | None = None,
         transport: Transport | None = None,
         idempotency: IdempotencyStore | None = None,
+        skip_ended_sagas: bool = False,
     ) -> None:
         if not name or not all(c.isalnum() or c in "_-." for c in name):
             raise ConfigurationError(f"service name {name!r} must be non-empty letters, digits, '_', '-', '.'")
@@ -111,6 +114,8 @@ class Service:
         self._batch_time = ""
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self._skip_ended_sagas = skip_ended_sagas
+        self._saga_statuses: Any = None
 
     # -- declaration --------------------------------------------------------------------------------
 
@@ -150,7 +155,11 @@ class Service:
         itself or its name). Compensations may only emit events that lead to other compensations or
         to the saga's end; ``choreo graph check`` rejects one that leads to a forward step.
         """
-        target = undoes if isinstance(undoes, str) or undoes is None else getattr(undoes, "__name__", None)
+        if undoes is None or isinstance(undoes, str):
+            target = undoes
+        else:  # the handler function: find the name it was registered under
+            target = next((s.name for s in self._subs if s.handler is undoes and not s.compensation),
+                          getattr(undoes, "__name__", repr(undoes)))
 
         def register(fn: H) -> H:
             if target is not None and not any(s.name == target and not s.compensation for s in self._subs):
@@ -227,6 +236,10 @@ class Service:
 
             self._store = RedisIdempotencyStore(settings.redis_url)
         await self._store.ping()
+        if self._skip_ended_sagas and self._saga_statuses is None:
+            from choreo.stores.redis import RedisSagaStore
+
+            self._saga_statuses = RedisSagaStore(settings.redis_url, prefix=settings.redis_prefix)
         await self._transport.connect()
         for hook in self._on_start:
             await hook()
@@ -275,6 +288,8 @@ class Service:
             await self._transport.close()
         if self._store is not None:
             await self._store.close()
+        if self._saga_statuses is not None:
+            await self._saga_statuses.close()
         for hook in self._on_stop:
             await hook()
         self._log.info("service %s stopped", self.name)
@@ -374,6 +389,9 @@ class Service:
                     claim = ClaimResult.BUSY
             item.claim = claim
 
+        if self._saga_statuses is not None:
+            await self._skip_stopped_sagas(all_items)
+
         await asyncio.gather(*(self._run_partition(items) for items in partitions.values()))
 
         outgoing = [r for item in all_items if item.outcome == _OK for r in item.out]
@@ -416,6 +434,24 @@ class Service:
         self.stats.skipped_duplicates += sum(1 for i in all_items if i.outcome == _SKIPPED)
         self.stats.emitted += len(outgoing)
 
+    async def _skip_stopped_sagas(self, items: list[_Item]) -> None:
+        """Forward steps of compensating or timed-out sagas, and compensations of completed ones, do
+        not run (one Redis call per batch)."""
+        candidates = [i for i in items if i.claim is ClaimResult.CLAIMED]
+        if not candidates:
+            return
+        try:
+            statuses = await self._saga_statuses.statuses([i.envelope.correlation_id for i in candidates])
+        except Exception as exc:  # the tracker's state is advisory: without it, steps run as usual
+            self._log.warning("reading saga statuses failed, running steps unchecked: %s", exc)
+            return
+        for item, status in zip(candidates, statuses):
+            # Forward steps stop once a saga compensates; nothing compensates a completed saga.
+            if status in STOPPED_STATUSES if not item.sub.compensation else status == "completed":
+                item.stopped_saga = status
+                self._log.info("not running %s for saga %s: it is %s", item.sub.name,
+                               item.envelope.correlation_id, status)
+
     async def _run_partition(self, items: list[_Item]) -> None:
         wire = self._wire
         assert wire is not None
@@ -433,6 +469,9 @@ class Service:
                 # Held elsewhere (another process, or a copy on another partition): try again shortly.
                 item.outcome = _BUSY
                 return
+            if item.stopped_saga is not None:
+                item.outcome = _OK  # handled: done, committed, nothing emitted
+                continue
             env = item.envelope
             ctx = Context(
                 env,

@@ -71,6 +71,12 @@ class ShipmentScheduled(Event, schema=SCHEMAS / "shipment_scheduled.v1.avsc"):
     customer_id: str
 
 
+class ShipmentCancelled(Event, schema=SCHEMAS / "shipment_cancelled.v1.avsc"):
+    order_id: str
+    customer_id: str
+    shipment_id: str
+
+
 class ShippingUnavailable(Event, schema=SCHEMAS / "shipping_unavailable.v1.avsc"):
     order_id: str
     reason: str

@@ -14,7 +14,7 @@ from services.events import (
     InventoryRejected, InventoryReleased, InventoryReserved, OrderPlaced, PaymentDeclined, PaymentRefunded,
 )
 
-service = Service("inventory")
+service = Service("inventory", skip_ended_sagas=True)
 state = ServiceState(service)
 
 _RESERVE = """

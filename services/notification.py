@@ -10,7 +10,7 @@ from choreo import Context, Service
 from services._redis import ServiceState
 from services.events import CustomerNotified, OrderCancelled, ShipmentScheduled
 
-service = Service("notification")
+service = Service("notification", skip_ended_sagas=True)
 state = ServiceState(service)
 
 _SEND = """

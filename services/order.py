@@ -12,7 +12,7 @@ from choreo import Context, Service
 from services._redis import ServiceState
 from services.events import InventoryRejected, InventoryReleased, OrderCancelled, OrderConfirmed, PaymentCaptured
 
-service = Service("order")
+service = Service("order", skip_ended_sagas=True)
 state = ServiceState(service)
 
 _SET_STATUS = """

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from choreo import Context, Service
 from services._redis import ServiceState, chance
-from services.events import InventoryReserved, PaymentCaptured, PaymentDeclined, PaymentRefunded, ShippingUnavailable
+from services.events import (
+    InventoryReserved, PaymentCaptured, PaymentDeclined, PaymentRefunded, ShipmentCancelled, ShippingUnavailable,
+)
 
-service = Service("payment")
+service = Service("payment", skip_ended_sagas=True)
 state = ServiceState(service)
 
 _CHARGE = """
@@ -48,9 +50,20 @@ async def charge(event: InventoryReserved, ctx: Context) -> None:
                              customer_id=event.customer_id))
 
 
+async def _refund(order_id: str, customer_id: str, ctx: Context) -> None:
+    # Refunds what was captured, if anything; the chain of compensations goes on either way.
+    entry = await state.once(ctx, _REFUND, [state.key("ledger"), state.key("refunds")], [order_id])
+    payment_id, _, amount = entry.partition(":")
+    ctx.emit(PaymentRefunded(order_id=order_id, payment_id=payment_id, amount_cents=int(amount or 0),
+                             customer_id=customer_id))
+
+
 @service.compensate(ShippingUnavailable, undoes=charge, emits=[PaymentRefunded])
 async def refund(event: ShippingUnavailable, ctx: Context) -> None:
-    entry = await state.once(ctx, _REFUND, [state.key("ledger"), state.key("refunds")], [event.order_id])
-    payment_id, _, amount = entry.partition(":")
-    ctx.emit(PaymentRefunded(order_id=event.order_id, payment_id=payment_id, amount_cents=int(amount or 0),
-                             customer_id=event.customer_id))
+    await _refund(event.order_id, event.customer_id, ctx)
+
+
+@service.compensate(ShipmentCancelled, undoes=charge, emits=[PaymentRefunded])
+async def refund_after_cancellation(event: ShipmentCancelled, ctx: Context) -> None:
+    """A timed-out saga unwinds in reverse: shipment cancelled, then refund, release, cancel the order."""
+    await _refund(event.order_id, event.customer_id, ctx)

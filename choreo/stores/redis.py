@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
 
 try:
     import redis.asyncio as aioredis
-    from redis.exceptions import RedisError
+    from redis.exceptions import RedisError, WatchError
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("choreo's Redis store needs the 'redis' package: pip install choreo") from exc
 
@@ -103,3 +105,100 @@ def _safe(url: str) -> str:
         scheme, _, rest = url.partition("://")
         return f"{scheme}://***@{rest.rpartition('@')[2]}"
     return url
+
+
+class RedisSagaStore:
+    """``SagaStore`` on Redis: one JSON value per saga, updated with optimistic transactions (WATCH).
+
+    Keys (``{id}`` is a Redis Cluster hash tag): ``<prefix>saga:{<id>}`` the state,
+    ``<prefix>saga-status:{<id>}`` its status alone (read by services that skip ended sagas),
+    ``<prefix>sagas`` (sorted by start time) and ``<prefix>saga-deadlines`` (sorted by deadline).
+    """
+
+    def __init__(self, url: str, *, prefix: str = "choreo:") -> None:
+        self._url = url
+        self._prefix = prefix
+        self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
+
+    def _key(self, saga_id: str) -> str:
+        return f"{self._prefix}saga:{{{saga_id}}}"
+
+    def status_key(self, saga_id: str) -> str:
+        return f"{self._prefix}saga-status:{{{saga_id}}}"
+
+    async def update(self, saga_id: str, change: Callable[[Any], Any]) -> Any:
+        key = self._key(saga_id)
+        for _ in range(100):
+            try:
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    old = json.loads(raw) if raw else None
+                    new = change(old)
+                    if new is None or new is old:
+                        await pipe.unwatch()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+                        return old
+                    pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+                    pipe.set(key, json.dumps(new, separators=(",", ":")))
+                    pipe.set(self.status_key(saga_id), new["status"])
+                    pipe.zadd(f"{self._prefix}sagas", {saga_id: new["started_at"]})
+                    if new.get("next_deadline") is None:
+                        pipe.zrem(f"{self._prefix}saga-deadlines", saga_id)
+                    else:
+                        pipe.zadd(f"{self._prefix}saga-deadlines", {saga_id: new["next_deadline"]})
+                    await pipe.execute()
+                    return new
+            except WatchError:
+                continue  # another tracker process changed this saga meanwhile: fold again
+            except (RedisError, OSError) as exc:
+                raise IdempotencyError(f"updating saga {saga_id} in Redis at {_safe(self._url)} failed: {exc}") from exc
+        raise IdempotencyError(f"saga {saga_id}: 100 conflicting updates in a row")
+
+    async def get(self, saga_id: str) -> Any:
+        raw = await self._redis.get(self._key(saga_id))
+        return json.loads(raw) if raw else None
+
+    async def statuses(self, saga_ids: Sequence[str]) -> list[str | None]:
+        """The status of each saga (None if unknown), in one round trip."""
+        if not saga_ids:
+            return []
+        values = await self._redis.mget([self.status_key(i) for i in saga_ids])
+        return [_text(v) if v else None for v in values]
+
+    async def due(self, now_ms: int, limit: int) -> list[str]:
+        ids = await self._redis.zrangebyscore(f"{self._prefix}saga-deadlines", "-inf", now_ms, start=0, num=limit)
+        return [_text(i) for i in ids]
+
+    async def postpone(self, saga_id: str, until_ms: int) -> None:
+        await self._redis.zadd(f"{self._prefix}saga-deadlines", {saga_id: until_ms}, xx=True)
+
+    async def list(self, *, status: str | None = None, older_than_ms: int | None = None,
+                   newest_first: bool = True, limit: int = 50) -> list[Any]:
+        """Sagas by start time, filtered by status and minimum age."""
+        import time
+
+        key = f"{self._prefix}sagas"
+        top = "+inf" if older_than_ms is None else int(time.time() * 1000) - older_than_ms
+        found: list[Any] = []
+        offset = 0
+        while len(found) < limit:
+            if newest_first:
+                ids = await self._redis.zrevrangebyscore(key, top, "-inf", start=offset, num=200)
+            else:
+                ids = await self._redis.zrangebyscore(key, "-inf", top, start=offset, num=200)
+            if not ids:
+                break
+            offset += len(ids)
+            raws = await self._redis.mget([self._key(_text(i)) for i in ids])
+            for raw in raws:
+                state = json.loads(raw) if raw else None
+                if state and (status is None or state["status"] == status):
+                    found.append(state)
+        return found[:limit]
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,272 @@
+"""The saga tracker: folds every event of every saga into per-saga state, and times sagas out.
+
+The tracker is an ordinary choreo ``Service`` (its own consumer group) subscribed to every event type
+of the flow graph. Each event is folded once (the service's idempotency keys guarantee it) into the
+saga named by its correlation id, by the pure function ``fold``; the state is kept in a
+``SagaStore`` (Redis). A timer publishes ``SagaTimedOut`` for a saga past its deadline (or past its
+step deadline since the last event); compensations react to it like to any failure event.
+
+Saga status: running -> completed | compensating -> compensated; timed_out when the deadline passed
+(compensation then follows). Step status: pending -> running (its input seen) -> completed | failed;
+compensated once a compensation that undoes it completed; skipped if the saga ended without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from choreo.context import Context
+from choreo.errors import ConfigurationError
+from choreo.events import Event
+from choreo.graph import FlowGraph, Step
+from choreo.saga import Saga, SagaTimedOut
+from choreo.service import Service
+from choreo.settings import Settings
+from choreo.wire import derive_event_id
+
+log = logging.getLogger("choreo.tracker")
+
+TERMINAL = frozenset({"completed", "compensated", "compensation_failed", "timed_out"})
+
+SagaState = dict[str, Any]
+
+
+class SagaStore(Protocol):
+    """Where saga state lives. ``update`` is atomic per saga, also across tracker processes."""
+
+    async def update(self, saga_id: str, change: Any) -> SagaState | None:
+        """Apply ``change(old_state_or_None) -> new_state_or_None`` atomically and store the result."""
+
+    async def get(self, saga_id: str) -> SagaState | None: ...
+
+    async def due(self, now_ms: int, limit: int) -> list[str]:
+        """Ids of sagas whose (step) deadline is at or before ``now_ms``."""
+
+    async def postpone(self, saga_id: str, until_ms: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class _Index:
+    """Lookups from event type names to steps, and which steps belong to which saga."""
+
+    def __init__(self, graph: FlowGraph, sagas: Sequence[Saga]) -> None:
+        self.graph = graph
+        self.types: dict[str, type[Event]] = {}
+        for step in graph.steps:
+            for t in (step.consumes, *step.emits):
+                self.types[t.event_type()] = t
+        for saga in sagas:
+            for t in (saga.starts_with, *saga.end_events):
+                self.types[t.event_type()] = t
+        self.types[SagaTimedOut.event_type()] = SagaTimedOut
+        self.failures = {s.consumes.event_type() for s in graph.steps if s.compensation} | {
+            e.event_type() for s in sagas for e in s.fails_on
+        } | {SagaTimedOut.event_type()}
+        self.saga_steps: dict[str, list[Step]] = {}
+        self.saga_of_type: dict[str, Saga] = {}
+        for saga in sagas:
+            steps = self._reachable(saga.starts_with) | self._reachable(SagaTimedOut)
+            self.saga_steps[saga.name] = sorted(steps.values(), key=lambda s: s.id)
+            for step in steps.values():
+                for t in (step.consumes, *step.emits):
+                    self.saga_of_type.setdefault(t.event_type(), saga)
+            self.saga_of_type.setdefault(saga.starts_with.event_type(), saga)
+
+    def _reachable(self, start: type[Event]) -> dict[str, Step]:
+        found: dict[str, Step] = {}
+        queue = [start]
+        while queue:
+            event = queue.pop()
+            for step in self.graph.consumers(event):
+                if step.id not in found:
+                    found[step.id] = step
+                    queue.extend(step.emits)
+        return found
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+def fold(state: SagaState | None, saga: Saga, index: _Index, *, saga_id: str, event_id: str, event_type: str,
+         producer: str, causation_id: str | None, at_ms: int, attempt: int) -> SagaState:
+    """The saga's state after one more event (pure; returns a new dict, or ``state`` unchanged for a
+    duplicate). ``at_ms`` is when the event occurred."""
+    if state is not None and event_id in state["seen"]:
+        return state
+    if state is None:
+        state = {
+            "id": saga_id, "saga": saga.name, "status": "running", "started_at": at_ms, "updated_at": at_ms,
+            "ended_at": None, "deadline_at": at_ms + int(saga.deadline.total_seconds() * 1000),
+            "steps": {
+                s.id: {"service": s.service, "handler": s.handler, "compensation": s.compensation,
+                       "undoes": f"{s.service}.{s.undoes}" if s.undoes else None, "status": "pending",
+                       "started_at": None, "finished_at": None, "attempts": 0, "events": []}
+                for s in index.saga_steps.get(saga.name, [])
+            },
+            "events": [], "seen": [], "late": [],
+        }
+    else:
+        state = {**state, "steps": {k: dict(v) for k, v in state["steps"].items()},
+                 "events": list(state["events"]), "seen": list(state["seen"]), "late": list(state["late"])}
+    type_cls = index.types.get(event_type)
+    causing = next((e for e in state["events"] if e["id"] == causation_id), None)
+    state["seen"].append(event_id)
+    state["events"].append({"id": event_id, "type": event_type, "producer": producer, "causation": causation_id,
+                            "at": at_ms, "attempt": attempt})
+    state["events"].sort(key=lambda e: (e["at"], e["id"]))
+    if event_type == saga.starts_with.event_type():
+        state["started_at"] = min(state["started_at"], at_ms)
+        state["deadline_at"] = state["started_at"] + int(saga.deadline.total_seconds() * 1000)
+    state["updated_at"] = max(state["updated_at"], at_ms)
+
+    if type_cls is not None:
+        for step in index.graph.consumers(type_cls):
+            entry = state["steps"].get(step.id)
+            if entry is not None and entry["status"] == "pending":
+                entry["status"], entry["started_at"] = "running", at_ms
+        producers = [s for s in index.graph.producers(type_cls) if s.service == producer and s.id in state["steps"]]
+        if causing is not None:
+            producers = [s for s in producers if s.consumes.event_type() == causing["type"]] or producers
+        for step in producers[:1]:
+            entry = state["steps"][step.id]
+            if step.compensation:
+                entry["status"] = "completed"
+                if entry["undoes"] and entry["undoes"] in state["steps"]:
+                    state["steps"][entry["undoes"]]["status"] = "compensated"
+            else:
+                entry["status"] = "failed" if event_type in index.failures else "completed"
+            entry["finished_at"] = at_ms
+            entry["started_at"] = entry["started_at"] or at_ms
+            entry["attempts"] = max(entry["attempts"], attempt)
+            entry["events"].append(event_id)
+
+    status = state["status"]
+    if status in TERMINAL and status != "timed_out":
+        state["late"].append(event_id)  # an event after the saga ended: reported by saga show
+    elif event_type in {t.event_type() for t in saga.completes_on} and status != "timed_out":
+        _end(state, "completed", at_ms)
+    elif event_type in {t.event_type() for t in saga.fails_on}:
+        _end(state, "timed_out" if status == "timed_out" else "compensated", at_ms)
+    elif event_type == SagaTimedOut.event_type():
+        state["status"] = "timed_out"
+    elif event_type in index.failures and status == "running":
+        state["status"] = "compensating"
+    state["next_deadline"] = next_deadline(state, saga)
+    return state
+
+
+def _end(state: SagaState, status: str, at_ms: int) -> None:
+    state["status"], state["ended_at"] = status, at_ms
+    for entry in state["steps"].values():
+        if entry["status"] == "pending":
+            entry["status"] = "skipped"
+
+
+def next_deadline(state: SagaState, saga: Saga) -> int | None:
+    """When the saga times out if nothing else happens (None once it ended or timed out)."""
+    if state["status"] in TERMINAL or state["ended_at"] is not None:
+        return None
+    deadline = int(state["deadline_at"])
+    if saga.step_deadline is not None:
+        deadline = min(deadline, int(state["updated_at"]) + int(saga.step_deadline.total_seconds() * 1000))
+    return deadline
+
+
+class SagaTracker:
+    """Builds the tracker service for ``sagas`` over the handlers of ``services``.
+
+    Run it like any service: ``tracker = SagaTracker("checkout-tracker", services, [checkout]).service``
+    and ``choreo run module:tracker``. ``check_interval_s`` is how often deadlines are checked.
+    """
+
+    def __init__(self, name: str, services: Iterable[Service], sagas: Sequence[Saga], *,
+                 settings: Settings | None = None, store: SagaStore | None = None,
+                 check_interval_s: float = 1.0) -> None:
+        if not sagas:
+            raise ConfigurationError(f"saga tracker {name}: give it at least one saga")
+        self.graph = FlowGraph.build(services, sagas)
+        self.sagas = list(sagas)
+        self._index = _Index(self.graph, self.sagas)
+        self._store = store
+        self._interval = check_interval_s
+        self._timer: asyncio.Task[None] | None = None
+        self.service = Service(name, settings=settings)
+        for type_name in sorted(self._index.types):
+            cls = self._index.types[type_name]
+            self.service.on(cls, name=f"track.{type_name}")(self._observe)
+        self.service.on_start(self._start)
+        self.service.on_stop(self._stop)
+
+    @property
+    def store(self) -> SagaStore:
+        if self._store is None:
+            raise ConfigurationError(f"saga tracker {self.service.name} is not started")
+        return self._store
+
+    async def _start(self) -> None:
+        if self._store is None:
+            from choreo.stores.redis import RedisSagaStore
+
+            settings = self.service.settings
+            self._store = RedisSagaStore(settings.redis_url, prefix=settings.redis_prefix)
+        self._timer = asyncio.create_task(self._check_deadlines(), name=f"{self.service.name}-deadlines")
+
+    async def _stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            await asyncio.gather(self._timer, return_exceptions=True)
+        if self._store is not None:
+            await self._store.close()
+
+    async def _observe(self, event: Event, ctx: Context) -> None:
+        env = ctx.envelope
+        saga = self._index.saga_of_type.get(env.event_type)
+        if saga is None:
+            return
+        at_ms = int(env.occurred_at_datetime().timestamp() * 1000)
+
+        def change(state: SagaState | None) -> SagaState:
+            return fold(state, saga, self._index, saga_id=env.correlation_id, event_id=env.event_id,
+                        event_type=env.event_type, producer=env.producer, causation_id=env.causation_id,
+                        at_ms=at_ms, attempt=env.attempt)
+
+        await self.store.update(env.correlation_id, change)
+
+    async def _check_deadlines(self) -> None:
+        from choreo.publisher import Publisher
+
+        publisher = Publisher(self.service.name, settings=self.service.settings)
+        try:
+            while True:
+                await asyncio.sleep(self._interval)
+                try:
+                    await self.check_deadlines(publisher)
+                except Exception:  # a Redis or broker outage must not kill the timer; it retries
+                    log.exception("checking saga deadlines failed; retrying in %.1f s", self._interval)
+        finally:
+            await publisher.close()
+
+    async def check_deadlines(self, publisher: Any, now_ms: int | None = None) -> int:
+        """Publish ``SagaTimedOut`` for every saga past its deadline; returns how many."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        count = 0
+        for saga_id in await self.store.due(now_ms, 500):
+            state = await self.store.get(saga_id)
+            saga = next((s for s in self.sagas if state and s.name == state["saga"]), None)
+            if state is None or saga is None or next_deadline(state, saga) is None:
+                continue
+            event = SagaTimedOut(saga_id=saga_id, saga=saga.name, status=state["status"],
+                                 deadline=_iso(int(next_deadline(state, saga) or 0)))
+            # A fixed id per saga: a tracker that publishes twice (a crash, two trackers) is deduplicated.
+            await publisher.publish(event, correlation_id=saga_id, event_id=derive_event_id(saga_id, "timeout", 0))
+            await self.store.postpone(saga_id, now_ms + 30_000)  # until the fold sees the timeout
+            log.warning("saga %s (%s) timed out in status %s", saga_id, saga.name, state["status"])
+            count += 1
+        return count
