@@ -70,18 +70,27 @@ class Publisher:
         causation_id: str | None = None,
         event_ids: Sequence[str] | None = None,
         key: str | None = None,
+        correlation_ids: Sequence[str] | None = None,
     ) -> list[str]:
-        """Publish several events in one round of acks; each starts its own saga unless ``correlation_id``."""
+        """Publish several events in one round of acks.
+
+        Each starts its own saga (its correlation id is its event id) unless ``correlation_id`` puts
+        them all in one saga, or ``correlation_ids`` gives each its own saga id (e.g. the order id).
+        """
         transport = await self._ensure_started()
-        if event_ids is not None and len(event_ids) != len(events):
-            raise ConfigurationError("publish_many: event_ids must have one id per event")
+        for name, values in (("event_ids", event_ids), ("correlation_ids", correlation_ids)):
+            if values is not None and len(values) != len(events):
+                raise ConfigurationError(f"publish_many: {name} must have one entry per event")
+        if correlation_id is not None and correlation_ids is not None:
+            raise ConfigurationError("publish_many: give correlation_id or correlation_ids, not both")
         ids = list(event_ids) if event_ids is not None else [new_event_id() for _ in events]
+        sagas = list(correlation_ids) if correlation_ids is not None else [correlation_id or i for i in ids]
         assert self._wire is not None
         await self._ensure_topics(transport, {self.settings.topic_prefix + type(e).topic() for e in events})
         await self._register(transport, {type(e) for e in events})
         records = [
-            self._wire.encode(e, event_id=i, correlation_id=correlation_id or i, causation_id=causation_id, key=key)
-            for e, i in zip(events, ids)
+            self._wire.encode(e, event_id=i, correlation_id=saga, causation_id=causation_id, key=key)
+            for e, i, saga in zip(events, ids, sagas)
         ]
         await transport.send(records)
         return ids

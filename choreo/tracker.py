@@ -8,7 +8,8 @@ step deadline since the last event); compensations react to it like to any failu
 
 Saga status: running -> completed | compensating -> compensated; timed_out when the deadline passed
 (compensation then follows). Step status: pending -> running (its input seen) -> completed | failed;
-compensated once a compensation that undoes it completed; skipped if the saga ended without it.
+compensated once a compensation that undoes it completed; skipped if the saga ended without it; a step
+still running when a timed-out saga ends is failed (it is the one that hung).
 """
 
 from __future__ import annotations
@@ -138,8 +139,9 @@ def fold(state: SagaState | None, saga: Saga, index: _Index, *, saga_id: str, ev
             entry = state["steps"][step.id]
             if step.compensation:
                 entry["status"] = "completed"
-                if entry["undoes"] and entry["undoes"] in state["steps"]:
-                    state["steps"][entry["undoes"]]["status"] = "compensated"
+                undone = state["steps"].get(entry["undoes"]) if entry["undoes"] else None
+                if undone is not None and undone["status"] == "completed":
+                    undone["status"] = "compensated"
             else:
                 entry["status"] = "failed" if event_type in index.failures else "completed"
             entry["finished_at"] = at_ms
@@ -149,7 +151,10 @@ def fold(state: SagaState | None, saga: Saga, index: _Index, *, saga_id: str, ev
 
     status = state["status"]
     if status in TERMINAL and status != "timed_out":
-        state["late"].append(event_id)  # an event after the saga ended: reported by saga show
+        # Events of one saga travel on several topics, so they may be folded out of order; only one
+        # that occurred after the end is late (``saga show`` reports it).
+        if state["ended_at"] is not None and at_ms > state["ended_at"]:
+            state["late"].append(event_id)
     elif event_type in {t.event_type() for t in saga.completes_on} and status != "timed_out":
         _end(state, "completed", at_ms)
     elif event_type in {t.event_type() for t in saga.fails_on}:
@@ -167,6 +172,9 @@ def _end(state: SagaState, status: str, at_ms: int) -> None:
     for entry in state["steps"].values():
         if entry["status"] == "pending":
             entry["status"] = "skipped"
+        elif entry["status"] == "running":
+            # Its input arrived but it never answered: on a timed-out saga, that is the step that hung.
+            entry["status"] = "failed" if status == "timed_out" else "skipped"
 
 
 def next_deadline(state: SagaState, saga: Saga) -> int | None:

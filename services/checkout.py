@@ -1,5 +1,8 @@
 """The checkout saga and the services that carry it, for ``choreo graph`` and the saga tracker.
 
+An order's id is its saga id: place orders with ``correlation_id=order_id`` so that every event of
+its checkout, and the tracker's ``SagaTimedOut``, carries it.
+
     choreo graph check services.checkout:system
     choreo run services.checkout:tracker
 """

@@ -27,6 +27,7 @@ from services.events import OrderPlaced
 from services.invariants import checkout_report
 
 SERVICES = ("order", "inventory", "payment", "shipping", "notification")
+PROCESSES = {**{name: f"services.{name}:service" for name in SERVICES}, "tracker": "services.checkout:tracker"}
 FAILURES = {"CHECKOUT_DECLINE_ABOVE_CENTS": "40000", "CHECKOUT_SHIPPING_UNAVAILABLE_RATE": "0.1"}
 
 
@@ -35,9 +36,9 @@ def start_services(settings: Settings, log_dir: Path, extra_env: dict[str, str] 
                CHOREO_REDIS_PREFIX=settings.redis_prefix, CHOREO_TOPIC_PREFIX=settings.topic_prefix,
                PYTHONUNBUFFERED="1", **FAILURES, **(extra_env or {}))
     return [
-        subprocess.Popen([sys.executable, "-m", "choreo.cli", "run", f"services.{name}:service"], env=env,
+        subprocess.Popen([sys.executable, "-m", "choreo.cli", "run", target], env=env,
                          stdout=open(log_dir / f"{name}.log", "w"), stderr=subprocess.STDOUT)
-        for name in SERVICES
+        for name, target in PROCESSES.items()
     ]
 
 
@@ -56,12 +57,13 @@ async def _run(count: int, stock: dict[str, int], settings: Settings, log_dir: P
     prefix = settings.redis_prefix
     await r.hset(f"{prefix}inventory:stock", mapping=stock)
     procs = start_services(settings, log_dir)
-    print(f"started services: {', '.join(SERVICES)} (each its own process; logs in {log_dir})")
+    print(f"started services: {', '.join(SERVICES)} and the saga tracker (each its own process; logs in {log_dir})")
     try:
         orders = make_orders(count)
         async with Publisher("demo", settings=settings) as publisher:
             started = time.monotonic()
-            await publisher.publish_many(orders)
+            # The order id is the saga id: every event of an order's checkout carries it.
+            await publisher.publish_many(orders, correlation_ids=[o.order_id for o in orders])
         print(f"placed {count} orders")
         sent_key = f"{prefix}notification:sent"
         deadline = time.monotonic() + 180
@@ -69,7 +71,7 @@ async def _run(count: int, stock: dict[str, int], settings: Settings, log_dir: P
             if time.monotonic() > deadline:
                 print(f"timed out: {done} of {count} sagas ended")
                 return 1
-            for name, proc in zip(SERVICES, procs):
+            for name, proc in zip(PROCESSES, procs):
                 if proc.poll() is not None:
                     print(f"service {name} exited with {proc.returncode}; see {log_dir / (name + '.log')}")
                     return 1
@@ -83,6 +85,8 @@ async def _run(count: int, stock: dict[str, int], settings: Settings, log_dir: P
               f"no carrier: {d['refunded']})")
         print(f"  payments captured: {d['charged']}, of which refunded after a failed shipment: {d['refunded']}")
         print(f"  stock left: {d['stock']}")
+        sagas = await _tracked(settings, count)
+        print(f"  saga tracker: {dict(sorted(sagas.items()))}")
         print("invariants:")
         print("\n".join(report.lines()))
         return 0 if report.ok else 1
@@ -95,6 +99,27 @@ async def _run(count: int, stock: dict[str, int], settings: Settings, log_dir: P
             except subprocess.TimeoutExpired:
                 proc.kill()
         await r.aclose()
+
+
+async def _tracked(settings: Settings, count: int) -> dict[str, int]:
+    """Saga statuses as the tracker recorded them, once it has caught up with every saga."""
+    from choreo.stores.redis import RedisSagaStore
+
+    store = RedisSagaStore(settings.redis_url, prefix=settings.redis_prefix)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            sagas = await store.list(limit=count)
+            counts: dict[str, int] = {}
+            for saga in sagas:
+                counts[saga["status"]] = counts.get(saga["status"], 0) + 1
+            if sum(counts.get(s, 0) for s in ("completed", "compensated", "timed_out")) >= count:
+                return counts
+            if time.monotonic() > deadline:
+                return counts
+            await asyncio.sleep(0.2)
+    finally:
+        await store.close()
 
 
 def main() -> int:

@@ -117,10 +117,12 @@ def orders(n: int, prefix: str = "order") -> list[OrderPlaced]:
 
 
 async def publish(settings: Settings, events: list[OrderPlaced]) -> list[str]:
+    """Place orders, each its own saga whose id is the order id (as in the reference system)."""
     async with Publisher("test", settings=settings) as publisher:
         ids: list[str] = []
         for start in range(0, len(events), 2000):
-            ids += await publisher.publish_many(events[start : start + 2000])
+            chunk = events[start : start + 2000]
+            ids += await publisher.publish_many(chunk, correlation_ids=[e.order_id for e in chunk])
         return ids
 
 
