@@ -97,44 +97,69 @@ def _iso(ms: int) -> str:
 
 def fold(state: SagaState | None, saga: Saga, index: _Index, *, saga_id: str, event_id: str, event_type: str,
          producer: str, causation_id: str | None, at_ms: int, attempt: int) -> SagaState:
-    """The saga's state after one more event (pure; returns a new dict, or ``state`` unchanged for a
-    duplicate). ``at_ms`` is when the event occurred."""
+    """The saga's state after one more event (pure; ``state`` itself for a duplicate).
+
+    Events of one saga travel on several topics, so they may arrive in any order. The state is
+    therefore replayed from all events seen so far, in causal order (by occurrence time, each after
+    its cause), which gives the same story whatever the arrival order.
+    """
     if state is not None and event_id in state["seen"]:
         return state
-    if state is None:
-        state = {
-            "id": saga_id, "saga": saga.name, "status": "running", "started_at": at_ms, "updated_at": at_ms,
-            "ended_at": None, "deadline_at": at_ms + int(saga.deadline.total_seconds() * 1000),
-            "steps": {
-                s.id: {"service": s.service, "handler": s.handler, "compensation": s.compensation,
-                       "undoes": f"{s.service}.{s.undoes}" if s.undoes else None, "status": "pending",
-                       "started_at": None, "finished_at": None, "attempts": 0, "events": []}
-                for s in index.saga_steps.get(saga.name, [])
-            },
-            "events": [], "seen": [], "late": [],
-        }
-    else:
-        state = {**state, "steps": {k: dict(v) for k, v in state["steps"].items()},
-                 "events": list(state["events"]), "seen": list(state["seen"]), "late": list(state["late"])}
-    type_cls = index.types.get(event_type)
-    causing = next((e for e in state["events"] if e["id"] == causation_id), None)
-    state["seen"].append(event_id)
-    state["events"].append({"id": event_id, "type": event_type, "producer": producer, "causation": causation_id,
-                            "at": at_ms, "attempt": attempt})
-    state["events"].sort(key=lambda e: (e["at"], e["id"]))
-    if event_type == saga.starts_with.event_type():
-        state["started_at"] = min(state["started_at"], at_ms)
-        state["deadline_at"] = state["started_at"] + int(saga.deadline.total_seconds() * 1000)
-    state["updated_at"] = max(state["updated_at"], at_ms)
+    event = {"id": event_id, "type": event_type, "producer": producer, "causation": causation_id,
+             "at": at_ms, "attempt": attempt}
+    events = [*(state["events"] if state else []), event]
+    return _replay(saga, index, saga_id, _causal_order(events))
 
+
+def _causal_order(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    remaining = sorted(events, key=lambda e: (e["at"], e["id"]))
+    ids = {e["id"] for e in remaining}
+    ordered: list[dict[str, Any]] = []
+    placed: set[str] = set()
+    while remaining:
+        pick = next((e for e in remaining if e["causation"] not in ids or e["causation"] in placed), remaining[0])
+        remaining.remove(pick)
+        ordered.append(pick)
+        placed.add(pick["id"])
+    return ordered
+
+
+def _replay(saga: Saga, index: _Index, saga_id: str, events: list[dict[str, Any]]) -> SagaState:
+    deadline_ms = int(saga.deadline.total_seconds() * 1000)
+    start_type = saga.starts_with.event_type()
+    started = next((e["at"] for e in events if e["type"] == start_type), min(e["at"] for e in events))
+    state: SagaState = {
+        "id": saga_id, "saga": saga.name, "status": "running", "started_at": started,
+        "updated_at": max(e["at"] for e in events), "ended_at": None, "deadline_at": started + deadline_ms,
+        "steps": {
+            s.id: {"service": s.service, "handler": s.handler, "compensation": s.compensation,
+                   "undoes": f"{s.service}.{s.undoes}" if s.undoes else None, "status": "pending",
+                   "started_at": None, "finished_at": None, "attempts": 0, "events": []}
+            for s in index.saga_steps.get(saga.name, [])
+        },
+        "events": events, "seen": [e["id"] for e in events], "late": [],
+    }
+    types_by_id = {e["id"]: e["type"] for e in events}
+    completes = {t.event_type() for t in saga.completes_on}
+    fails = {t.event_type() for t in saga.fails_on}
+    for e in events:
+        _apply(state, index, e, types_by_id.get(e["causation"] or ""), completes, fails)
+    state["next_deadline"] = next_deadline(state, saga)
+    return state
+
+
+def _apply(state: SagaState, index: _Index, e: dict[str, Any], cause_type: str | None,
+           completes: set[str], fails: set[str]) -> None:
+    event_type, at_ms = e["type"], e["at"]
+    type_cls = index.types.get(event_type)
     if type_cls is not None:
         for step in index.graph.consumers(type_cls):
             entry = state["steps"].get(step.id)
             if entry is not None and entry["status"] == "pending":
                 entry["status"], entry["started_at"] = "running", at_ms
-        producers = [s for s in index.graph.producers(type_cls) if s.service == producer and s.id in state["steps"]]
-        if causing is not None:
-            producers = [s for s in producers if s.consumes.event_type() == causing["type"]] or producers
+        producers = [s for s in index.graph.producers(type_cls) if s.service == e["producer"] and s.id in state["steps"]]
+        if cause_type is not None:
+            producers = [s for s in producers if s.consumes.event_type() == cause_type] or producers
         for step in producers[:1]:
             entry = state["steps"][step.id]
             if step.compensation:
@@ -146,25 +171,21 @@ def fold(state: SagaState | None, saga: Saga, index: _Index, *, saga_id: str, ev
                 entry["status"] = "failed" if event_type in index.failures else "completed"
             entry["finished_at"] = at_ms
             entry["started_at"] = entry["started_at"] or at_ms
-            entry["attempts"] = max(entry["attempts"], attempt)
-            entry["events"].append(event_id)
+            entry["attempts"] = max(entry["attempts"], e["attempt"])
+            entry["events"].append(e["id"])
 
     status = state["status"]
     if status in TERMINAL and status != "timed_out":
-        # Events of one saga travel on several topics, so they may be folded out of order; only one
-        # that occurred after the end is late (``saga show`` reports it).
         if state["ended_at"] is not None and at_ms > state["ended_at"]:
-            state["late"].append(event_id)
-    elif event_type in {t.event_type() for t in saga.completes_on} and status != "timed_out":
+            state["late"].append(e["id"])  # it occurred after the saga ended: ``saga show`` reports it
+    elif event_type in completes and status != "timed_out":
         _end(state, "completed", at_ms)
-    elif event_type in {t.event_type() for t in saga.fails_on}:
+    elif event_type in fails:
         _end(state, "timed_out" if status == "timed_out" else "compensated", at_ms)
     elif event_type == SagaTimedOut.event_type():
         state["status"] = "timed_out"
     elif event_type in index.failures and status == "running":
         state["status"] = "compensating"
-    state["next_deadline"] = next_deadline(state, saga)
-    return state
 
 
 def _end(state: SagaState, status: str, at_ms: int) -> None:
@@ -278,3 +299,39 @@ class SagaTracker:
             log.warning("saga %s (%s) timed out in status %s", saga_id, saga.name, state["status"])
             count += 1
         return count
+
+
+def verify(state: SagaState, graph: FlowGraph) -> list[str]:
+    """Where a saga's observed events depart from the declared graph (empty when they do not).
+
+    Reports every event whose cause is not a declared edge (no handler of its producer consumes the
+    cause's type and may emit its type), whose cause was never observed, or that occurred before its
+    cause (its prerequisite).
+    """
+    types = {t.event_type(): t for s in graph.steps for t in (s.consumes, *s.emits)}
+    starts = {s.starts_with.event_type() for s in graph.sagas} | {SagaTimedOut.event_type()}
+    by_id = {e["id"]: e for e in state["events"]}
+    problems: list[str] = []
+    for event in state["events"]:
+        what = f"{event['type']} {event['id']} from {event['producer']}"
+        cause_id = event["causation"]
+        if cause_id is None:
+            if event["type"] not in starts:
+                problems.append(f"{what} has no cause, but only a saga's start event may begin a chain")
+            continue
+        cause = by_id.get(cause_id)
+        if cause is None:
+            problems.append(f"{what}: its cause {cause_id} was never observed in this saga")
+            continue
+        emitted, consumed = types.get(event["type"]), types.get(cause["type"])
+        declared = emitted is not None and consumed is not None and any(
+            s.service == event["producer"] and s.consumes is consumed and emitted in s.emits for s in graph.steps
+        )
+        if not declared:
+            problems.append(
+                f"{what} caused by {cause['type']} {cause_id}: no handler of {event['producer']} consumes "
+                f"{cause['type']} and emits {event['type']} (not a declared edge)"
+            )
+        if event["at"] < cause["at"]:
+            problems.append(f"{what} occurred {cause['at'] - event['at']} ms before its cause {cause['type']} {cause_id}")
+    return problems

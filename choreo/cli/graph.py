@@ -28,14 +28,14 @@ def register(commands: Any) -> None:
     p.set_defaults(func=command)
 
 
-def _collect(obj: Any, where: str, services: list[Service], sagas: list[Saga]) -> None:
+def collect(obj: Any, where: str, services: list[Service], sagas: list[Saga]) -> None:
     if isinstance(obj, Service):
         services.append(obj)
     elif isinstance(obj, Saga):
         sagas.append(obj)
     elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
         for item in obj:
-            _collect(item, where, services, sagas)
+            collect(item, where, services, sagas)
     else:
         raise ConfigurationError(f"{where} is a {type(obj).__name__}, not a Service, a Saga or a list of them")
 
@@ -50,7 +50,7 @@ def command(args: argparse.Namespace) -> int:
     services: list[Service] = []
     sagas: list[Saga] = []
     for target in targets:
-        _collect(load(target, "services or sagas"), target, services, sagas)
+        collect(load(target, "services or sagas"), target, services, sagas)
     graph = FlowGraph.build(services, sagas)
     if checking:
         problems = graph.check()

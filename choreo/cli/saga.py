@@ -27,6 +27,11 @@ def register(commands: Any) -> None:
     show = sub.add_parser("show", help="one saga's steps and events as a timeline")
     show.add_argument("saga_id", metavar="ID")
     show.set_defaults(func=command)
+    verify = sub.add_parser("verify", help="compare what sagas did with the declared flow graph")
+    verify.add_argument("system", metavar="MODULE:ATTR", help="the services and sagas, e.g. services.checkout:system")
+    verify.add_argument("saga_id", metavar="ID", nargs="?", help="one saga (default: the latest --limit sagas)")
+    verify.add_argument("--limit", type=int, default=1000)
+    verify.set_defaults(func=command)
 
 
 def _age(text: str | None) -> int | None:
@@ -68,6 +73,8 @@ async def _command(args: argparse.Namespace) -> int:
                       f"{_span(s['started_at'], s['ended_at']) or 'running'}")
             print(f"{len(sagas)} saga(s)")
             return 0
+        if args.saga_command == "verify":
+            return await _verify(args, store)
         state = await store.get(args.saga_id)
         if state is None:
             print(f"no saga {args.saga_id!r} under the Redis prefix {settings.redis_prefix!r}")
@@ -76,6 +83,34 @@ async def _command(args: argparse.Namespace) -> int:
         return 0
     finally:
         await store.close()
+
+
+async def _verify(args: argparse.Namespace, store: Any) -> int:
+    from choreo.cli.graph import collect
+    from choreo.cli._load import load
+    from choreo.graph import FlowGraph
+    from choreo.tracker import verify
+
+    services: list[Any] = []
+    sagas: list[Any] = []
+    collect(load(args.system, "services and sagas"), args.system, services, sagas)
+    graph = FlowGraph.build(services, sagas)
+    if args.saga_id:
+        state = await store.get(args.saga_id)
+        if state is None:
+            print(f"no saga {args.saga_id!r}")
+            return 1
+        states = [state]
+    else:
+        states = await store.list(limit=args.limit)
+    bad = 0
+    for state in states:
+        problems = verify(state, graph)
+        bad += bool(problems)
+        for problem in problems:
+            print(f"saga {state['id']}: {problem}")
+    print(f"verified {len(states)} saga(s): {bad} departed from the graph")
+    return 1 if bad else 0
 
 
 def _show(state: dict[str, Any]) -> None:
