@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 KAFKA_STATE ?= $(or $(TMPDIR),/tmp)/choreo-kafka-$(shell id -u)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-unit test-kafka dev bench-chain clean
+.PHONY: install demo test test-unit test-kafka dev bench-chain bench-saga clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test-kafka: install
 ## Throughput of the two-service chain on the embedded stack.
 bench-chain: install
 	$(PY) -m bench.chain
+
+## The checkout saga: sagas/s under a backlog, p50/p99 saga duration at a low rate.
+bench-saga: install
+	$(PY) -m bench.saga
 
 ## A local broker and Redis until Ctrl-C.
 dev: install
