@@ -24,6 +24,7 @@ SAMPLES: list[Event] = [
     checkout.PaymentRefunded(order_id="o1", payment_id="p1", amount_cents=1999, customer_id="c1"),
     checkout.OrderConfirmed(order_id="o1", customer_id="c1", amount_cents=1999),
     checkout.ShipmentScheduled(order_id="o1", shipment_id="s1", customer_id="c1"),
+    checkout.ShipmentCancelled(order_id="o1", customer_id="c1", shipment_id="s1"),
     checkout.ShippingUnavailable(order_id="o4", reason="no carrier", customer_id="c4"),
     checkout.OrderCancelled(order_id="o4", reason="no carrier", customer_id="c4"),
     checkout.CustomerNotified(order_id="o1", customer_id="c1", outcome="shipped"),
