@@ -20,7 +20,9 @@ from choreo.events import Envelope, Event, Header
 from choreo.graph import FlowGraph, Problem, Step
 from choreo.publisher import BlockingPublisher, Publisher
 from choreo.routing import Subscription
-from choreo.saga import Saga, SagaTimedOut
+from choreo.deadletter import DLQHeader, Failure
+from choreo.retry import DeadLetterNow, RetryLater, RetryPolicy
+from choreo.saga import CompensationFailed, Saga, SagaTimedOut
 from choreo.tracker import SagaTracker
 from choreo.service import Service, ServiceStats
 from choreo.settings import Settings
@@ -28,12 +30,16 @@ from choreo.settings import Settings
 __all__ = [
     "BlockingPublisher",
     "ChoreoError",
+    "CompensationFailed",
     "ConfigurationError",
     "Context",
+    "DLQHeader",
+    "DeadLetterNow",
     "DecodeError",
     "EmitError",
     "Envelope",
     "Event",
+    "Failure",
     "FlowGraph",
     "Header",
     "IdempotencyError",
@@ -41,6 +47,8 @@ __all__ = [
     "Problem",
     "PublishError",
     "Publisher",
+    "RetryLater",
+    "RetryPolicy",
     "Saga",
     "SagaTimedOut",
     "SagaTracker",

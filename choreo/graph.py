@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from choreo.events import Event
-from choreo.saga import Saga, SagaTimedOut
+from choreo.saga import CompensationFailed, Saga, SagaTimedOut
 from choreo.service import Service
 
 
@@ -71,8 +71,10 @@ class FlowGraph:
             self._consumers.setdefault(step.consumes, []).append(step)
             for event in step.emits:
                 self._producers.setdefault(event, []).append(step)
-        # SagaTimedOut comes from the saga tracker, which is not a service of the graph.
-        self._starts = {s.starts_with for s in self.sagas} | {SagaTimedOut}
+        # SagaTimedOut comes from the saga tracker and CompensationFailed from choreo itself, not from
+        # a declared handler.
+        implicit: set[type[Event]] = {SagaTimedOut, CompensationFailed}
+        self._starts: set[type[Event]] = {s.starts_with for s in self.sagas} | implicit
         self._ends = {e for s in self.sagas for e in s.end_events}
         self._failures = {s.consumes for s in self.steps if s.compensation} | {
             e for s in self.sagas for e in s.fails_on

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from choreo.errors import ConfigurationError
 from choreo.events import Event
+from choreo.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from choreo.context import Context
@@ -34,6 +35,8 @@ class Subscription:
     undoes: str | None = None
     #: False for a forward step that needs no compensation (e.g. it changes nothing).
     compensable: bool = True
+    #: This handler's retry policy; None uses its service's.
+    retry: RetryPolicy | None = None
 
     @classmethod
     def build(
@@ -46,6 +49,7 @@ class Subscription:
         compensation: bool = False,
         undoes: str | None = None,
         compensable: bool = True,
+        retry: RetryPolicy | None = None,
     ) -> Subscription:
         where = f"handler {getattr(handler, '__qualname__', handler)!r}"
         if not (isinstance(event_type, type) and issubclass(event_type, Event)):
@@ -62,5 +66,7 @@ class Subscription:
             raise ConfigurationError(f"{where}: handler name {handler_name!r} must be letters, digits, '_', '-', '.'")
         if undoes is not None and not compensation:
             raise ConfigurationError(f"{where}: only a compensation (service.compensate) can undo a step")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(f"{where}: retry must be a choreo.RetryPolicy, got {type(retry).__name__}")
         return cls(event_type, handler, handler_name, frozenset(emits), compensation, undoes,
-                   compensable and not compensation)
+                   compensable and not compensation, retry)

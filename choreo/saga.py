@@ -100,3 +100,13 @@ class SagaTimedOut(Event, schema=Path(__file__).parent / "avro" / "saga_timed_ou
     saga: str
     status: str
     deadline: str
+
+
+class CompensationFailed(Event, schema=Path(__file__).parent / "avro" / "compensation_failed.v1.avsc"):
+    """Emitted by a service whose compensating handler failed on its last attempt (its event went to
+    the dead-letter topic). The saga tracker ends the saga as ``compensation_failed``."""
+
+    saga_id: str
+    service: str
+    handler: str
+    error: str

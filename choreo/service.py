@@ -34,7 +34,9 @@ from choreo.errors import ChoreoError, ConfigurationError, DecodeError, Idempote
 from choreo.events import Envelope, Event, utc_now_iso
 from choreo.idempotency import ClaimResult, IdempotencyStore, idempotency_key
 from choreo.routing import Handler, Subscription
-from choreo.saga import STOPPED_STATUSES
+from choreo.deadletter import Failure, dead_letter, dead_letter_topic
+from choreo.retry import RetryLater, RetryPolicy
+from choreo.saga import STOPPED_STATUSES, CompensationFailed
 from choreo.settings import Settings
 from choreo.transport import OutgoingRecord, Record, TopicPartition, TopicSpec, Transport
 from choreo.wire import Wire, derive_event_id
@@ -43,7 +45,8 @@ log = logging.getLogger("choreo.service")
 
 H = TypeVar("H", bound=Handler)
 
-_OK, _SKIPPED, _FAILED, _BUSY, _NOT_RUN = range(5)
+_OK, _SKIPPED, _FAILED, _BUSY, _NOT_RUN, _DEAD = range(6)
+_FINISHED = (_OK, _SKIPPED, _DEAD)  # outcomes after which the offset may move on
 
 
 @dataclass(slots=True)
@@ -58,18 +61,21 @@ class _Item:
     out: list[OutgoingRecord] = field(default_factory=list)
     copy_of: _Item | None = None  # an earlier item of this batch with the same idempotency key
     stopped_saga: str | None = None  # the status of a saga whose forward steps no longer run
+    error: BaseException | None = None  # the handler's exception when it failed
 
 
 @dataclass(slots=True)
 class ServiceStats:
-    """Counters since start. ``halted`` keeps every partition stopped by a bad record, and why."""
+    """Counters since start. ``dead_lettered`` lists ``(topic, partition, offset, reason)`` of every
+    record sent to a dead-letter topic."""
 
     processed: int = 0
     skipped_duplicates: int = 0
     failed: int = 0
     emitted: int = 0
     batches: int = 0
-    halted: dict[TopicPartition, str] = field(default_factory=dict)
+    retried: int = 0
+    dead_lettered: list[tuple[str, int, int, str]] = field(default_factory=list)
 
 
 class Service:
@@ -90,6 +96,7 @@ class Service:
         transport: Transport | None = None,
         idempotency: IdempotencyStore | None = None,
         skip_ended_sagas: bool = False,
+        retry: RetryPolicy | None = None,
     ) -> None:
         if not name or not all(c.isalnum() or c in "_-." for c in name):
             raise ConfigurationError(f"service name {name!r} must be non-empty letters, digits, '_', '-', '.'")
@@ -104,8 +111,8 @@ class Service:
         self._wire: Wire | None = None
         self._owner = f"{name}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop_requested = False
-        self._halted: dict[TopicPartition, str] = {}
-        self._halted_at: dict[TopicPartition, int] = {}
+        # Failed attempts per (partition, offset, handler), with the time of the first failure.
+        self._attempts: dict[tuple[TopicPartition, int, str], tuple[int, str]] = {}
         self._resume_at: dict[TopicPartition, float] = {}
         self._failures: dict[TopicPartition, int] = {}
         self.stats = ServiceStats()
@@ -115,6 +122,8 @@ class Service:
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._skip_ended_sagas = skip_ended_sagas
+        #: The retry policy of handlers registered without their own.
+        self.retry = retry or RetryPolicy()
         self._saga_statuses: Any = None
 
     # -- declaration --------------------------------------------------------------------------------
@@ -126,6 +135,7 @@ class Service:
         emits: Sequence[type[Event]] = (),
         name: str | None = None,
         compensable: bool = True,
+        retry: RetryPolicy | None = None,
     ) -> Callable[[H], H]:
         """Register the decorated ``async def handler(event, ctx)`` for ``event_type``: a forward step.
 
@@ -136,7 +146,7 @@ class Service:
         """
 
         def register(fn: H) -> H:
-            self.add(Subscription.build(event_type, fn, emits=emits, name=name, compensable=compensable))
+            self.add(Subscription.build(event_type, fn, emits=emits, name=name, compensable=compensable, retry=retry))
             return fn
 
         return register
@@ -148,6 +158,7 @@ class Service:
         undoes: str | Callable[..., Any] | None = None,
         emits: Sequence[type[Event]] = (),
         name: str | None = None,
+        retry: RetryPolicy | None = None,
     ) -> Callable[[H], H]:
         """Register a compensating handler: it reacts to a failure event on the saga's failure path.
 
@@ -167,7 +178,8 @@ class Service:
                     f"service {self.name}: compensation {name or fn.__name__!r} undoes {target!r}, "
                     "which is not a forward handler of this service (register the step first)"
                 )
-            self.add(Subscription.build(event_type, fn, emits=emits, name=name, compensation=True, undoes=target))
+            self.add(Subscription.build(event_type, fn, emits=emits, name=name, compensation=True, undoes=target,
+                                        retry=retry))
             return fn
 
         return register
@@ -243,15 +255,17 @@ class Service:
         await self._transport.connect()
         for hook in self._on_start:
             await hook()
-        specs = [
-            TopicSpec(t, settings.topic_partitions, settings.topic_replication)
-            for t in sorted({*self.consumed_topics(), *self.emitted_topics()})
-        ]
+        compensates = any(s.compensation for s in self._subs)
+        internal = {settings.topic_prefix + CompensationFailed.topic()} if compensates else set()
+        names = {*self.consumed_topics(), *self.emitted_topics(), *internal,
+                 *(dead_letter_topic(t) for t in self.consumed_topics())}
+        specs = [TopicSpec(t, settings.topic_partitions, settings.topic_replication) for t in sorted(names)]
         await self._transport.ensure_topics(specs, create=settings.create_topics)
         types = {s.event_type for s in self._subs} | {t for s in self._subs for t in s.emits}
         self._wire = Wire(self.name, types, topic_prefix=settings.topic_prefix,
                           lookup=self._transport.lookup_schema)
-        for emitted in sorted({t for s in self._subs for t in s.emits}, key=lambda t: t.event_type()):
+        emitted_types = {t for s in self._subs for t in s.emits} | ({CompensationFailed} if compensates else set())
+        for emitted in sorted(emitted_types, key=lambda t: t.event_type()):
             await self._transport.register_schema(emitted.avro_schema())
         self._by_topic = {settings.topic_prefix + t.topic(): (t, subs) for t, subs in self._by_type.items()}
         await self._transport.subscribe(
@@ -299,17 +313,15 @@ class Service:
     def _assigned(self, partitions: Sequence[TopicPartition]) -> None:
         # A fresh assignment starts unpaused at the committed offset: forget local pauses.
         for tp in partitions:
-            self._halted.pop(tp, None)
-            self._halted_at.pop(tp, None)
             self._resume_at.pop(tp, None)
             self._failures.pop(tp, None)
         self._log.info("assigned %s", sorted(partitions))
 
     def _revoked(self, partitions: Sequence[TopicPartition]) -> None:
+        gone = set(partitions)
         for tp in partitions:
-            self._halted.pop(tp, None)
-            self._halted_at.pop(tp, None)
             self._resume_at.pop(tp, None)
+        self._attempts = {k: v for k, v in self._attempts.items() if k[0] not in gone}
         self._log.info("revoked %s", sorted(partitions))
 
     def _resume_due(self) -> None:
@@ -336,37 +348,30 @@ class Service:
         # batch is processed within milliseconds.
         self._batch_time = utc_now_iso()
 
-        # Decode, grouped by partition in offset order. A record that cannot be decoded halts its
-        # partition right there; the records after it are fetched again once it is dealt with.
+        # Decode, grouped by partition in offset order. A record that cannot be decoded is dead-lettered
+        # in its place, once every record before it in its partition is finished.
         partitions: dict[TopicPartition, list[_Item]] = {}
+        poison: dict[TopicPartition, list[tuple[Record, DecodeError]]] = {}
         ends: dict[TopicPartition, int] = {}
-        blocked: set[TopicPartition] = set()
         for record in records:
             tp = (record.topic, record.partition)
-            if tp in blocked or tp in self._resume_at:
-                continue
-            halted_at = self._halted_at.get(tp)
-            if halted_at is not None and record.offset >= halted_at:
-                # Resumed for the retry of an earlier record: stop again at the undecodable one.
-                transport.seek(tp, halted_at)
-                transport.pause([tp])
-                blocked.add(tp)
-                continue
+            if tp in self._resume_at:
+                continue  # waiting for a retry: it will be fetched again from the failed offset
             route = self._by_topic.get(record.topic)
             if route is None:
                 continue  # not ours (cannot happen with a subscription per topic)
             cls, subs = route
+            ends[tp] = record.offset
             try:
                 envelope, event = wire.decode(record, cls)
             except DecodeError as exc:
-                self._halt(tp, record, exc)
-                blocked.add(tp)
+                poison.setdefault(tp, []).append((record, exc))
+                partitions.setdefault(tp, [])
                 continue
             items = partitions.setdefault(tp, [])
             for sub in subs:
                 key = idempotency_key(prefix, self.name, sub.name, envelope.correlation_id, envelope.event_id)
                 items.append(_Item(record, envelope, event, sub, key))
-            ends[tp] = record.offset
         if not partitions:
             return
 
@@ -394,15 +399,24 @@ class Service:
 
         await asyncio.gather(*(self._run_partition(items) for items in partitions.values()))
 
-        outgoing = [r for item in all_items if item.outcome == _OK for r in item.out]
+        # Where each partition stops: at its first record not finished (failed, or held elsewhere).
+        stops: dict[TopicPartition, _Item] = {}
+        for tp, items in partitions.items():
+            for item in items:
+                if item.outcome not in _FINISHED:
+                    stops[tp] = item
+                    break
+        dead = self._dead_letters(partitions, poison, stops)
+        outgoing = [r for item in all_items if item.outcome == _OK for r in item.out] + dead
         try:
             await transport.send(outgoing)
         except TransportError as exc:
-            self._log.error("publishing %d emitted events failed: %s; the batch will be retried", len(outgoing), exc)
+            self._log.error("publishing %d records failed: %s; the batch will be retried", len(outgoing), exc)
             await self._release([i for i in all_items if i.claim is ClaimResult.CLAIMED], store)
             self._rewind_all(partitions, transport)
             return
 
+        # A dead-lettered event is released, not done: a replay of it must run the handler again.
         done = [i.key for i in all_items if i.outcome == _OK]
         released = [i.key for i in all_items if i.claim is ClaimResult.CLAIMED and i.outcome != _OK]
         try:
@@ -415,24 +429,69 @@ class Service:
 
         commits: dict[TopicPartition, int] = {}
         for tp, items in partitions.items():
-            stop_offset = None
-            for item in items:
-                if item.outcome in (_OK, _SKIPPED):
-                    continue
-                stop_offset = item.record.offset
-                break
-            if stop_offset is None:
+            stop = stops.get(tp)
+            if stop is None:
                 commits[tp] = ends[tp] + 1
                 self._failures.pop(tp, None)
-            else:
-                if stop_offset > items[0].record.offset:
-                    commits[tp] = stop_offset
-                failed = next(i for i in items if i.record.offset == stop_offset and i.outcome != _OK)
-                self._retry_later(tp, stop_offset, transport, busy=failed.outcome == _BUSY)
+                continue
+            lowest = min([i.record.offset for i in items] + [r.offset for r, _ in poison.get(tp, [])])
+            if stop.record.offset > lowest:
+                commits[tp] = stop.record.offset
+            self._retry_later(tp, stop.record.offset, transport, busy=stop.outcome == _BUSY, item=stop)
+        for item in all_items:
+            if item.outcome in _FINISHED:
+                self._attempts.pop((_tp(item.record), item.record.offset, item.sub.name), None)
         transport.commit(commits)
         self.stats.processed += sum(1 for i in all_items if i.outcome == _OK)
         self.stats.skipped_duplicates += sum(1 for i in all_items if i.outcome == _SKIPPED)
-        self.stats.emitted += len(outgoing)
+        self.stats.emitted += len(outgoing) - len(dead)
+
+    def _dead_letters(
+        self,
+        partitions: dict[TopicPartition, list[_Item]],
+        poison: dict[TopicPartition, list[tuple[Record, DecodeError]]],
+        stops: dict[TopicPartition, _Item],
+    ) -> list[OutgoingRecord]:
+        """Dead-letter records (and ``CompensationFailed`` events) for this batch's finished failures."""
+        out: list[OutgoingRecord] = []
+        for tp, bad in poison.items():
+            stop = stops.get(tp)
+            for record, exc in bad:
+                if stop is not None and record.offset > stop.record.offset:
+                    continue  # behind a record still in retry: it is fetched and judged again later
+                failure = Failure(exc.reason, type(exc).__name__, str(exc))
+                self._log.error(
+                    "cannot process %s [%d] offset %d: %s: %s; sent to %s",
+                    record.topic, record.partition, record.offset, exc.reason, exc, dead_letter_topic(record.topic),
+                )
+                out.append(dead_letter(record, failure, service=self.name))
+                self.stats.dead_lettered.append((record.topic, record.partition, record.offset, exc.reason))
+        for items in partitions.values():
+            for item in items:
+                if item.outcome != _DEAD:
+                    continue
+                assert item.error is not None
+                attempts, since = self._attempts.get((_tp(item.record), item.record.offset, item.sub.name), (1, ""))
+                failure = Failure.from_exception("handler-error", item.error, handler=item.sub.name,
+                                                 attempts=attempts, first_failure=since)
+                rec = item.record
+                self._log.error(
+                    "handler %s gave up on %s [%d] offset %d (event %s) after %d attempt(s): %s: %s; sent to %s",
+                    item.sub.name, rec.topic, rec.partition, rec.offset, item.envelope.event_id, attempts,
+                    failure.error_type, failure.error, dead_letter_topic(rec.topic),
+                )
+                out.append(dead_letter(rec, failure, service=self.name))
+                self.stats.dead_lettered.append((rec.topic, rec.partition, rec.offset, "handler-error"))
+                if item.sub.compensation:
+                    assert self._wire is not None
+                    env = item.envelope
+                    out.append(self._wire.encode(
+                        CompensationFailed(saga_id=env.correlation_id, service=self.name, handler=item.sub.name,
+                                           error=f"{failure.error_type}: {failure.error}"[:1000]),
+                        event_id=derive_event_id(env.event_id, f"{item.sub.name}/compensation-failed", 0),
+                        correlation_id=env.correlation_id, causation_id=env.event_id, occurred_at=self._batch_time,
+                    ))
+        return out
 
     async def _skip_stopped_sagas(self, items: list[_Item]) -> None:
         """Forward steps of compensating or timed-out sagas, and compensations of completed ones, do
@@ -495,35 +554,41 @@ class Service:
                     for index, (event, key) in enumerate(ctx.emitted)
                 ]
             except Exception as exc:  # the handler's failure is the event's, not the service's
-                item.outcome = _FAILED
+                item.error = exc
+                key = (_tp(item.record), item.record.offset, item.sub.name)
+                attempts, since = self._attempts.get(key, (0, ""))
+                attempts += 1
+                self._attempts[key] = (attempts, since or utc_now_iso())
+                policy = item.sub.retry or self.retry
                 self.stats.failed += 1
-                self._log.error(
-                    "handler %s failed on %s [%d] offset %d (event %s): %s: %s",
+                if policy.gives_up(exc, attempts):
+                    item.outcome = _DEAD  # dead-lettered by _process; the partition moves on
+                    continue
+                item.outcome = _FAILED
+                self._log.warning(
+                    "handler %s failed on %s [%d] offset %d (event %s), attempt %d of %d: %s: %s",
                     item.sub.name, item.record.topic, item.record.partition, item.record.offset,
-                    env.event_id, type(exc).__name__, exc,
-                    exc_info=not isinstance(exc, ChoreoError),
+                    env.event_id, attempts, policy.max_attempts, type(exc).__name__, exc,
+                    exc_info=not isinstance(exc, (ChoreoError, RetryLater)),
                 )
                 return
             item.outcome = _OK
 
     # -- pausing and rewinding -----------------------------------------------------------------------------
 
-    def _halt(self, tp: TopicPartition, record: Record, exc: DecodeError) -> None:
-        reason = f"{exc.reason}: {exc}"
-        self._halted[tp] = self.stats.halted[tp] = f"offset {record.offset}: {reason}"
-        self._halted_at[tp] = record.offset
-        self._log.error(
-            "cannot process %s [%d] offset %d: %s. Partition %s [%d] is stopped at this offset "
-            "(nothing after it is processed) until the record is dealt with and the service restarted.",
-            record.topic, record.partition, record.offset, reason, record.topic, record.partition,
-        )
-        transport = self._require_transport()
-        transport.seek(tp, record.offset)
-        transport.pause([tp])
-
-    def _retry_later(self, tp: TopicPartition, offset: int, transport: Transport, *, busy: bool = False) -> None:
+    def _retry_later(
+        self, tp: TopicPartition, offset: int, transport: Transport, *, busy: bool = False, item: _Item | None = None
+    ) -> None:
         if busy:
             delay = 0.2  # another process holds the claim; its lease or its finish frees it soon
+        elif item is not None and item.error is not None:
+            attempts = self._attempts.get((tp, offset, item.sub.name), (1, ""))[0]
+            signal = item.error
+            if isinstance(signal, RetryLater) and signal.delay_s is not None:
+                delay = signal.delay_s
+            else:
+                delay = (item.sub.retry or self.retry).delay(attempts)
+            self.stats.retried += 1
         else:
             failures = self._failures.get(tp, 0) + 1
             self._failures[tp] = failures
@@ -542,7 +607,7 @@ class Service:
         except IdempotencyError as exc:
             self._log.warning("releasing claims failed (they expire by themselves): %s", exc)
 
-    def _require_transport(self) -> Transport:
+    def _require_transport(self) -> Transport:  # noqa: D401
         if self._transport is None:
             raise ConfigurationError(f"service {self.name} is not started")
         return self._transport
@@ -551,3 +616,7 @@ class Service:
         if self._store is None:
             raise ConfigurationError(f"service {self.name} is not started")
         return self._store
+
+
+def _tp(record: Record) -> TopicPartition:
+    return (record.topic, record.partition)

@@ -7,7 +7,8 @@ saga named by its correlation id, by the pure function ``fold``; the state is ke
 step deadline since the last event); compensations react to it like to any failure event.
 
 Saga status: running -> completed | compensating -> compensated; timed_out when the deadline passed
-(compensation then follows). Step status: pending -> running (its input seen) -> completed | failed;
+(compensation then follows); compensation_failed when a compensation gave up (``CompensationFailed``,
+sent by the service when it dead-letters a compensation's event). Step status: pending -> running (its input seen) -> completed | failed;
 compensated once a compensation that undoes it completed; skipped if the saga ended without it; a step
 still running when a timed-out saga ends is failed (it is the one that hung).
 """
@@ -25,7 +26,7 @@ from choreo.context import Context
 from choreo.errors import ConfigurationError
 from choreo.events import Event
 from choreo.graph import FlowGraph, Step
-from choreo.saga import Saga, SagaTimedOut
+from choreo.saga import CompensationFailed, Saga, SagaTimedOut
 from choreo.service import Service
 from choreo.settings import Settings
 from choreo.wire import derive_event_id
@@ -66,6 +67,7 @@ class _Index:
             for t in (saga.starts_with, *saga.end_events):
                 self.types[t.event_type()] = t
         self.types[SagaTimedOut.event_type()] = SagaTimedOut
+        self.types[CompensationFailed.event_type()] = CompensationFailed
         self.failures = {s.consumes.event_type() for s in graph.steps if s.compensation} | {
             e.event_type() for s in sagas for e in s.fails_on
         } | {SagaTimedOut.event_type()}
@@ -78,6 +80,7 @@ class _Index:
                 for t in (step.consumes, *step.emits):
                     self.saga_of_type.setdefault(t.event_type(), saga)
             self.saga_of_type.setdefault(saga.starts_with.event_type(), saga)
+            self.saga_of_type.setdefault(CompensationFailed.event_type(), saga)
 
     def _reachable(self, start: type[Event]) -> dict[str, Step]:
         found: dict[str, Step] = {}
@@ -182,6 +185,10 @@ def _apply(state: SagaState, index: _Index, e: dict[str, Any], cause_type: str |
         _end(state, "completed", at_ms)
     elif event_type in fails:
         _end(state, "timed_out" if status == "timed_out" else "compensated", at_ms)
+    elif event_type == CompensationFailed.event_type():
+        # A compensation gave up (its event is in a dead-letter topic): the saga cannot be unwound by
+        # itself any more. It ends here and is reported, never forgotten.
+        _end(state, "compensation_failed", at_ms)
     elif event_type == SagaTimedOut.event_type():
         state["status"] = "timed_out"
     elif event_type in index.failures and status == "running":

@@ -62,6 +62,19 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what:
         await asyncio.sleep(0.1)
 
 
+async def eventually(check: Callable[[], Awaitable[None]], timeout: float) -> None:
+    """Run the assertions in ``check`` until they pass, or fail with the last error after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await check()
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
 class Sink:
     """A downstream service in the test process whose effect is a plain counter per order.
 

@@ -17,7 +17,7 @@ from choreo.stores.redis import RedisSagaStore
 from services._redis import chance
 from services.events import OrderPlaced
 from services.invariants import checkout_report
-from tests.integration.helpers import ServiceProcess, publish, wait_until
+from tests.integration.helpers import ServiceProcess, eventually, publish, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow]
 
@@ -128,27 +128,32 @@ async def test_each_path_ends_with_its_completed_steps_compensated(checkout: Che
     report = await checkout_report(checkout.redis, checkout.prefix, orders, STOCK)
     assert report.ok, report.lines()
 
-    # The tracker saw the same story, step by step.
-    by_saga = await checkout.sagas(list(saga_ids.values()))
-    sagas = {order_id: by_saga[saga_id] for order_id, saga_id in saga_ids.items()}
-    steps = {i: {k: v["status"] for k, v in s["steps"].items()} for i, s in sagas.items()}
-    assert sagas[happy]["status"] == "completed"
-    assert steps[happy]["notification.notify_shipped"] == "completed"
-    assert steps[happy]["payment.refund"] == "skipped"
-    assert sagas[declined]["status"] == "compensated"
-    assert steps[declined]["payment.charge"] == "failed"
-    assert steps[declined]["inventory.reserve_stock"] == "compensated"
-    assert steps[declined]["shipping.schedule"] == "skipped"
-    assert sagas[no_carrier]["status"] == "compensated"
-    assert steps[no_carrier]["shipping.schedule"] == "failed"
-    assert steps[no_carrier]["payment.charge"] == "compensated"
-    assert steps[no_carrier]["inventory.reserve_stock"] == "compensated"
-    refund_at = next(e["at"] for e in sagas[no_carrier]["events"] if e["type"] == "checkout.PaymentRefunded")
-    release_at = next(e["at"] for e in sagas[no_carrier]["events"] if e["type"] == "checkout.InventoryReleased")
-    assert refund_at <= release_at, "compensations run in reverse order of the steps"
-    assert sagas[out_of_stock]["status"] == "compensated"
-    assert steps[out_of_stock]["inventory.reserve_stock"] == "failed"
-    assert all(not s["late"] for s in sagas.values())
+    # The tracker saw the same story, step by step. Events of a saga reach it on several topics, in
+    # any order, so its record converges: check until it has.
+    async def story() -> None:
+        by_saga = await checkout.sagas(list(saga_ids.values()))
+        sagas = {order_id: by_saga[saga_id] for order_id, saga_id in saga_ids.items()}
+        steps = {i: {k: v["status"] for k, v in s["steps"].items()} for i, s in sagas.items()}
+        assert sagas[happy]["status"] == "completed"
+        assert steps[happy]["notification.notify_shipped"] == "completed"
+        assert steps[happy]["payment.refund"] == "skipped"
+        assert sagas[declined]["status"] == "compensated"
+        assert steps[declined]["payment.charge"] == "failed"
+        assert steps[declined]["inventory.reserve_stock"] == "compensated"
+        assert steps[declined]["shipping.schedule"] == "skipped"
+        assert sagas[no_carrier]["status"] == "compensated"
+        assert steps[no_carrier]["shipping.schedule"] == "failed"
+        assert steps[no_carrier]["payment.charge"] == "compensated"
+        assert steps[no_carrier]["inventory.reserve_stock"] == "compensated"
+        events = sagas[no_carrier]["events"]
+        refund_at = next(e["at"] for e in events if e["type"] == "checkout.PaymentRefunded")
+        release_at = next(e["at"] for e in events if e["type"] == "checkout.InventoryReleased")
+        assert refund_at <= release_at, "compensations run in reverse order of the steps"
+        assert sagas[out_of_stock]["status"] == "compensated"
+        assert steps[out_of_stock]["inventory.reserve_stock"] == "failed"
+        assert all(not s["late"] for s in sagas.values())
+
+    await eventually(story, 30)
 
 
 @pytest.mark.timeout(120)
@@ -170,11 +175,15 @@ async def test_a_saga_stuck_past_its_deadline_times_out_and_is_compensated(check
     # Shipping comes back: it must not ship the timed-out order, but it cancels (nothing) first.
     checkout.start("shipping")
     await checkout.wait_ended(1, 60)
-    saga = (await checkout.sagas([saga_id]))[saga_id]
-    assert saga["status"] == "timed_out" and saga["ended_at"] is not None
-    assert saga["steps"]["shipping.schedule"]["status"] == "failed", "the step that hung"
-    assert saga["steps"]["payment.charge"]["status"] == "compensated"
-    assert saga["steps"]["inventory.reserve_stock"]["status"] == "compensated"
+
+    async def story() -> None:
+        saga = (await checkout.sagas([saga_id]))[saga_id]
+        assert saga["status"] == "timed_out" and saga["ended_at"] is not None
+        assert saga["steps"]["shipping.schedule"]["status"] == "failed", "the step that hung"
+        assert saga["steps"]["payment.charge"]["status"] == "compensated"
+        assert saga["steps"]["inventory.reserve_stock"]["status"] == "compensated"
+
+    await eventually(story, 30)
     assert await checkout.hash("shipping:shipments") == {}
     assert (await checkout.hash("payment:refunds"))[order.order_id] == "1000"
     assert await checkout.hash("inventory:reservations") == {}
@@ -206,7 +215,11 @@ async def test_a_thousand_mixed_orders_survive_a_sigkilled_service(checkout: Che
     assert report.details["shipped"] and report.details["declined"] and report.details["refunded"]
     assert report.details["out_of_stock"], "the widget stock should run out"
     sent = await checkout.hash("notification:sent")
-    sagas = await checkout.sagas([o.order_id for o in orders], timeout=60)
     expected = {"shipped": "completed", "cancelled": "compensated"}
-    wrong = {i: s["status"] for i, s in sagas.items() if s["status"] != expected[sent[i]]}
-    assert not wrong, f"tracker disagrees with the outcome for {len(wrong)} sagas: {list(wrong.items())[:5]}"
+
+    async def agree() -> None:
+        sagas = await checkout.sagas([o.order_id for o in orders], timeout=60)
+        wrong = {i: s["status"] for i, s in sagas.items() if s["status"] != expected[sent[i]]}
+        assert not wrong, f"tracker disagrees with the outcome for {len(wrong)} sagas: {list(wrong.items())[:5]}"
+
+    await eventually(agree, 30)

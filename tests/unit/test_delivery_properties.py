@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from choreo import Context, Event, Publisher, Service, Settings
+from choreo import Context, Event, Publisher, RetryPolicy, Service, Settings
 from choreo.schemas import parse_schema
 from choreo.stores.memory import MemoryIdempotencyStore
 from choreo.transport.memory import MemoryBroker, MemoryTransport
@@ -38,7 +38,8 @@ async def _scenario(plan: list[tuple[int, int, int]], crash_after: int | None) -
 
     def build() -> Service:
         transports.append(MemoryTransport(broker))
-        service = Service("prop", settings=config, transport=transports[-1], idempotency=store)
+        service = Service("prop", settings=config, transport=transports[-1], idempotency=store,
+                          retry=RetryPolicy(max_attempts=10, initial_delay_s=0.001, max_delay_s=0.001))
 
         @service.on(Step)
         async def apply(event: Step, ctx: Context) -> None:

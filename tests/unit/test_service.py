@@ -12,7 +12,11 @@ from typing import Any
 
 import pytest
 
-from choreo import ConfigurationError, Context, EmitError, Envelope, Event, Publisher, Service, Settings
+from choreo import (
+    ConfigurationError, Context, DeadLetterNow, DLQHeader, EmitError, Envelope, Event, Header, Publisher,
+    RetryPolicy, Service, Settings,
+)
+from choreo.deadletter import last_header
 from choreo.schemas import AvroSchema, parse_schema
 from choreo.stores.memory import MemoryIdempotencyStore
 from choreo.transport import OutgoingRecord, Record
@@ -530,7 +534,7 @@ async def test_a_failure_of_the_second_handler_holds_the_offset_of_the_record(
 @pytest.mark.parametrize(
     ("with_headers", "reason"), [(True, "not-avro"), (False, "missing-header")]
 )
-async def test_a_poison_record_halts_its_partition_while_others_go_on(
+async def test_a_poison_record_is_dead_lettered_in_its_place_and_the_partition_goes_on(
     make_service: Callable[..., Service], publisher: Publisher, broker: MemoryBroker,
     caplog: pytest.LogCaptureFixture, with_headers: bool, reason: str,
 ) -> None:
@@ -551,25 +555,24 @@ async def test_a_poison_record_halts_its_partition_while_others_go_on(
     await publisher.publish(OrderPlaced(order_id="elsewhere", quantity=1), correlation_id=SAGA_B)
 
     with caplog.at_level(logging.ERROR):
-        await poll_until(service, lambda: {"before", "elsewhere"} <= set(calls))
-        await poll_times(service, 20)
+        await poll_until(service, lambda: {"before", "after", "elsewhere"} <= set(calls))
 
-    assert "after" not in calls
-    tp = (ORDERS, partition)
-    assert tp in service.stats.halted
-    assert "offset 1" in service.stats.halted[tp] and reason in service.stats.halted[tp]
-    committed = broker.groups[service.group].committed
-    assert committed[tp] == 1
-    [other] = [r for r in broker.records(ORDERS) if r.partition != partition]
-    assert committed[(ORDERS, other.partition)] == 1
+    assert calls.index("before") < calls.index("after"), "order kept around the poison record"
+    assert service.stats.dead_lettered == [(ORDERS, partition, 1, reason)]
+    [dead] = broker.records(ORDERS + ".dlq")
+    assert dead.value == b"\x00not avro" and dead.key == good.key
+    assert last_header(dead.headers, DLQHeader.REASON) == reason
+    assert last_header(dead.headers, DLQHeader.OFFSET) == "1"
+    assert last_header(dead.headers, DLQHeader.TOPIC) == ORDERS
+    assert broker.groups[service.group].committed[(ORDERS, partition)] == 3
 
     [message] = [r.getMessage() for r in caplog.records
                  if r.levelno == logging.ERROR and "cannot process" in r.getMessage()]
     assert ORDERS in message and f"[{partition}]" in message
-    assert "offset 1" in message and reason in message
+    assert "offset 1" in message and reason in message and ".dlq" in message
 
 
-async def test_a_failed_record_before_a_poison_record_is_still_retried(
+async def test_a_failed_record_before_a_poison_record_is_retried_before_the_poison_is_dead_lettered(
     make_service: Callable[..., Service], publisher: Publisher, broker: MemoryBroker
 ) -> None:
     service = make_service()
@@ -586,8 +589,57 @@ async def test_a_failed_record_before_a_poison_record_is_still_retried(
     [good] = broker.records(ORDERS)
     broker.append(OutgoingRecord(ORDERS, good.key, b"\x00not avro", list(good.headers)))
 
-    await poll_until(service, lambda: calls == ["before", "before"], polls=60)
-    assert broker.groups[service.group].committed[(ORDERS, good.partition)] == 1
+    await poll_until(service, lambda: calls == ["before", "before"] and len(service.stats.dead_lettered) == 1,
+                     polls=100)
+    assert len(broker.records(ORDERS + ".dlq")) == 1, "the poison record is dead-lettered once"
+    assert broker.groups[service.group].committed[(ORDERS, good.partition)] == 2
+
+
+async def test_a_handler_that_keeps_failing_is_dead_lettered_after_its_attempts(
+    make_service: Callable[..., Service], publisher: Publisher, broker: MemoryBroker
+) -> None:
+    service = make_service(retry=RetryPolicy(max_attempts=3, initial_delay_s=0.001, max_delay_s=0.001))
+    calls: list[str] = []
+
+    @service.on(OrderPlaced)
+    async def reserve(event: OrderPlaced, ctx: Context) -> None:
+        calls.append(event.order_id)
+        if event.order_id == "bad":
+            raise ValueError("card service says no")
+
+    await service.start()
+    await publisher.publish(OrderPlaced(order_id="bad", quantity=1), correlation_id=SAGA_A, event_id="evt-bad")
+    await publisher.publish(OrderPlaced(order_id="next", quantity=1), correlation_id=SAGA_A)
+    await poll_until(service, lambda: "next" in calls, polls=200)
+
+    assert calls == ["bad", "bad", "bad", "next"], "three attempts, then the partition moves on in order"
+    [dead] = broker.records(ORDERS + ".dlq")
+    assert last_header(dead.headers, DLQHeader.REASON) == "handler-error"
+    assert last_header(dead.headers, DLQHeader.ERROR_TYPE) == "ValueError"
+    assert last_header(dead.headers, DLQHeader.ERROR) == "card service says no"
+    assert last_header(dead.headers, DLQHeader.ATTEMPTS) == "3"
+    assert last_header(dead.headers, DLQHeader.HANDLER) == "reserve"
+    assert "Traceback" in (last_header(dead.headers, DLQHeader.TRACEBACK) or "")
+    assert last_header(dead.headers, Header.EVENT_ID) == "evt-bad", "the original headers are kept"
+
+
+async def test_dead_letter_now_skips_the_retries(
+    make_service: Callable[..., Service], publisher: Publisher, broker: MemoryBroker
+) -> None:
+    service = make_service()
+    calls: list[str] = []
+
+    @service.on(OrderPlaced)
+    async def reserve(event: OrderPlaced, ctx: Context) -> None:
+        calls.append(event.order_id)
+        raise DeadLetterNow("unknown customer")
+
+    await service.start()
+    await publisher.publish(OrderPlaced(order_id="o", quantity=1), correlation_id=SAGA_A)
+    await poll_until(service, lambda: len(service.stats.dead_lettered) == 1)
+    assert calls == ["o"]
+    [dead] = broker.records(ORDERS + ".dlq")
+    assert last_header(dead.headers, DLQHeader.ERROR_TYPE) == "DeadLetterNow"
 
 
 # --- publisher -----------------------------------------------------------------------------------
@@ -602,3 +654,32 @@ async def test_a_publisher_with_a_given_transport_starts_on_first_publish(
     finally:
         await publisher.close()
     assert len(broker.records(ORDERS)) == 1
+
+
+async def test_a_compensation_that_gives_up_is_dead_lettered_and_announced(
+    make_service: Callable[..., Service], publisher: Publisher, broker: MemoryBroker
+) -> None:
+    from choreo import CompensationFailed
+
+    service = make_service(retry=RetryPolicy(max_attempts=2, initial_delay_s=0.001, max_delay_s=0.001))
+
+    @service.on(OrderPlaced, emits=[StockReserved])
+    async def reserve(event: OrderPlaced, ctx: Context) -> None:
+        ctx.emit(StockReserved(order_id=event.order_id))
+
+    @service.compensate(RefundIssued, undoes=reserve)
+    async def release(event: RefundIssued, ctx: Context) -> None:
+        raise RuntimeError("warehouse API down")
+
+    await service.start()
+    await publisher.publish(RefundIssued(order_id="o-1"), correlation_id=SAGA_A, event_id="refund-1")
+    await poll_until(service, lambda: len(service.stats.dead_lettered) == 1, polls=100)
+
+    [dead] = broker.records(PREFIX + "checkout.refund-issued.v1.dlq")
+    assert last_header(dead.headers, DLQHeader.HANDLER) == "release"
+    [announced] = broker.records(PREFIX + CompensationFailed.topic())
+    wire = Wire("test")
+    envelope, event = wire.decode(announced, CompensationFailed)
+    assert envelope.correlation_id == SAGA_A and envelope.causation_id == "refund-1"
+    assert event == CompensationFailed(saga_id=SAGA_A, service="inventory", handler="release",
+                                       error="RuntimeError: warehouse API down")

@@ -120,3 +120,13 @@ def test_verify_catches_an_event_before_its_prerequisite_and_an_unknown_cause() 
     assert any("before its cause checkout.InventoryReserved e2" in p for p in verify(state, GRAPH))
     orphan = run([NO_CARRIER[0], ("z", "checkout.OrderConfirmed", "order", "nope")])
     assert any("its cause nope was never observed" in p for p in verify(orphan, GRAPH))
+
+
+def test_a_compensation_that_gave_up_ends_the_saga_as_compensation_failed() -> None:
+    from choreo import CompensationFailed
+
+    state = run(NO_CARRIER[:6])  # refunded, release still to come
+    state = fold(state, checkout, INDEX, saga_id="o1", event_id="cf", event_type=CompensationFailed.event_type(),
+                 producer="inventory", causation_id="e6", at_ms=T0 + 100, attempt=1)
+    assert state["status"] == "compensation_failed" and state["ended_at"] == T0 + 100
+    assert next_deadline(state, checkout) is None, "reported, and not timed out on top"

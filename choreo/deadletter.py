@@ -1,0 +1,102 @@
+"""The dead-letter record: the original bytes, unchanged, plus headers saying what went wrong.
+
+A record goes to ``<topic>.dlq`` when its handler failed on its last attempt, or at once when it
+cannot be decoded (not Avro, unknown schema, bad headers, invalid value). Key, value and original
+headers are kept as they were, so a replay (``choreo dlq replay``) re-delivers the very same event,
+with the same event id, and idempotency still holds.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+
+from choreo.events import utc_now_iso
+from choreo.transport import Headers, OutgoingRecord, Record
+
+DLQ_SUFFIX = ".dlq"
+
+
+class DLQHeader:
+    """Headers added to a dead-lettered record (UTF-8 strings)."""
+
+    REASON = "choreo-dlq-reason"  # handler-error, or a decode reason (not-avro, unknown-schema, ...)
+    ERROR_TYPE = "choreo-dlq-error-type"
+    ERROR = "choreo-dlq-error"
+    TRACEBACK = "choreo-dlq-traceback"
+    TOPIC = "choreo-dlq-topic"
+    PARTITION = "choreo-dlq-partition"
+    OFFSET = "choreo-dlq-offset"
+    SERVICE = "choreo-dlq-service"
+    HANDLER = "choreo-dlq-handler"
+    ATTEMPTS = "choreo-dlq-attempts"
+    FIRST_FAILURE = "choreo-dlq-first-failure"
+    LAST_FAILURE = "choreo-dlq-last-failure"
+
+    ALL = (REASON, ERROR_TYPE, ERROR, TRACEBACK, TOPIC, PARTITION, OFFSET, SERVICE, HANDLER, ATTEMPTS,
+           FIRST_FAILURE, LAST_FAILURE)
+
+
+_MAX_ERROR = 2_000
+_MAX_TRACEBACK = 8_000
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What went wrong with one record, as written to its dead-letter headers."""
+
+    reason: str
+    error_type: str
+    error: str
+    traceback: str = ""
+    handler: str = ""
+    attempts: int = 1
+    first_failure: str = ""
+    last_failure: str = ""
+
+    @classmethod
+    def from_exception(cls, reason: str, exc: BaseException, *, handler: str = "", attempts: int = 1,
+                       first_failure: str = "") -> Failure:
+        now = utc_now_iso()
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return cls(reason, type(exc).__name__, str(exc), text, handler, attempts, first_failure or now, now)
+
+
+def dead_letter_topic(topic: str) -> str:
+    return topic + DLQ_SUFFIX
+
+
+def _bounded(text: str, limit: int) -> bytes:
+    data = text.encode(errors="replace")
+    return data if len(data) <= limit else data[: limit - 14] + b"...[truncated]"
+
+
+def dead_letter(record: Record, failure: Failure, *, service: str) -> OutgoingRecord:
+    """The record for ``<topic>.dlq``: original key, value and headers, then the failure headers."""
+    h = DLQHeader
+    # Headers of an earlier dead-lettering (a replayed event that failed again) are kept before ours:
+    # the record carries its whole history.
+    headers: Headers = [
+        *record.headers,
+        (h.REASON, failure.reason.encode()),
+        (h.ERROR_TYPE, failure.error_type.encode()),
+        (h.ERROR, _bounded(failure.error, _MAX_ERROR)),
+        (h.TRACEBACK, _bounded(failure.traceback, _MAX_TRACEBACK)),
+        (h.TOPIC, record.topic.encode()),
+        (h.PARTITION, str(record.partition).encode()),
+        (h.OFFSET, str(record.offset).encode()),
+        (h.SERVICE, service.encode()),
+        (h.HANDLER, failure.handler.encode()),
+        (h.ATTEMPTS, str(failure.attempts).encode()),
+        (h.FIRST_FAILURE, (failure.first_failure or utc_now_iso()).encode()),
+        (h.LAST_FAILURE, (failure.last_failure or utc_now_iso()).encode()),
+    ]
+    return OutgoingRecord(dead_letter_topic(record.topic), record.key, record.value or b"", headers)
+
+
+def last_header(headers: Headers, name: str) -> str | None:
+    """The value of the last header called ``name`` (the newest dead-lettering), decoded."""
+    for key, value in reversed(headers):
+        if key == name:
+            return value.decode(errors="replace") if value is not None else None
+    return None
