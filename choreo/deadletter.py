@@ -100,3 +100,65 @@ def last_header(headers: Headers, name: str) -> str | None:
         if key == name:
             return value.decode(errors="replace") if value is not None else None
     return None
+
+
+REPLAYED_AT = "choreo-replayed-at"
+REPLAYED_FROM = "choreo-replayed-from"
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One record read back from a dead-letter topic."""
+
+    record: Record
+
+    def header(self, name: str) -> str | None:
+        return last_header(self.record.headers, name)
+
+    @property
+    def original_topic(self) -> str:
+        return self.header(DLQHeader.TOPIC) or self.record.topic.removesuffix(DLQ_SUFFIX)
+
+    @property
+    def error_type(self) -> str:
+        return self.header(DLQHeader.ERROR_TYPE) or "?"
+
+    @property
+    def failed_at(self) -> str:
+        return self.header(DLQHeader.LAST_FAILURE) or ""
+
+    @property
+    def saga_id(self) -> str | None:
+        return self.header("choreo-correlation-id")
+
+    @property
+    def replays(self) -> int:
+        return sum(1 for key, _ in self.record.headers if key == REPLAYED_AT)
+
+    def matches(self, *, since: str | None = None, saga_id: str | None = None, key: str | None = None) -> bool:
+        if since is not None and self.failed_at < since:
+            return False
+        if saga_id is not None and self.saga_id != saga_id:
+            return False
+        if key is not None and (self.record.key or b"").decode(errors="replace") != key:
+            return False
+        return True
+
+    def replay(self, to_topic: str | None = None) -> OutgoingRecord:
+        """The record to publish again: original key, value and headers (so the same event id and
+        idempotency key), with the whole failure history and a note of this replay appended."""
+        headers: Headers = [
+            *self.record.headers,
+            (REPLAYED_AT, utc_now_iso().encode()),
+            (REPLAYED_FROM, f"{self.record.topic}:{self.record.partition}:{self.record.offset}".encode()),
+        ]
+        return OutgoingRecord(to_topic or self.original_topic, self.record.key, self.record.value or b"", headers)
+
+
+def summarize(letters: list[DeadLetter]) -> dict[tuple[str, str], int]:
+    """Counts of dead letters by (original topic, error type)."""
+    counts: dict[tuple[str, str], int] = {}
+    for letter in letters:
+        key = (letter.original_topic, letter.error_type)
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))

@@ -6,6 +6,7 @@
     choreo schema check              validate schemas and models, and compatibility against git
     choreo graph [check] TARGET...   check or draw the choreography graph
     choreo saga list | show ID       saga state recorded by the saga tracker
+    choreo dlq list | show | replay | purge   dead-letter topics
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from choreo.errors import ChoreoError
 
 
 def _parser() -> argparse.ArgumentParser:
-    from choreo.cli import dev, graph, publish, run, saga, schema
+    from choreo.cli import dev, dlq, graph, publish, run, saga, schema
 
     parser = argparse.ArgumentParser(prog="choreo", description="Event-driven choreography over Kafka.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (run, publish, dev, schema, graph, saga):
+    for module in (run, publish, dev, schema, graph, saga, dlq):
         module.register(commands)
     return parser
 

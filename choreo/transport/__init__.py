@@ -112,5 +112,11 @@ class Transport(Protocol):
         """The writer schema with ``fingerprint`` from the schema topic, or None. Blocks: it may read
         the topic, which happens once per schema version a process has not seen."""
 
+    async def read_all(self, topic: str, timeout: float = 30.0) -> list[Record]:
+        """Every record of ``topic`` from the beginning, without joining a group (operator tooling)."""
+
+    async def delete_records(self, topic: str, before: dict[int, int]) -> None:
+        """Delete the records of ``topic`` below ``before[partition]``."""
+
     async def close(self) -> None:
         """Commit stored offsets, leave the group, flush the producer and release everything."""

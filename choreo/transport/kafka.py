@@ -294,34 +294,66 @@ class KafkaTransport:
         return self._schemas.get(fingerprint)
 
     def _read_schema_topic(self, timeout: float = 10.0) -> None:
+        for record in self.read_all_blocking(self._schema_topic, timeout):
+            try:
+                schema = parse_schema((record.value or b"").decode())
+            except (ChoreoError, UnicodeDecodeError) as exc:
+                log.warning("skipping a bad record in %s at offset %s: %s", self._schema_topic, record.offset, exc)
+                continue
+            self._schemas[schema.fingerprint] = schema
+
+    async def read_all(self, topic: str, timeout: float = 30.0) -> list[Record]:
+        """Every record of ``topic`` (all partitions, from the beginning), without joining a group."""
+        return await asyncio.to_thread(self.read_all_blocking, topic, timeout)
+
+    def read_all_blocking(self, topic: str, timeout: float = 30.0) -> list[Record]:
+        meta = self._admin_client().list_topics(topic, timeout=10)
+        info = meta.topics.get(topic)
+        if info is None or info.error is not None or not info.partitions:
+            return []
         reader = Consumer({
             **self._common,
-            "group.id": f"{self._client_id}-schema-reader",  # required by the client; never joined or committed
+            "group.id": f"{self._client_id}-reader",  # required by the client; never joined or committed
             "enable.auto.commit": False,
             "enable.partition.eof": True,
             "fetch.wait.max.ms": 10,
         })
+        records: list[Record] = []
+        pending = set(info.partitions)
         try:
-            reader.assign([_TP(self._schema_topic, 0, OFFSET_BEGINNING)])
+            reader.assign([_TP(topic, p, OFFSET_BEGINNING) for p in sorted(pending)])
             deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
+            while pending and time.monotonic() < deadline:
                 msg = reader.poll(0.2)
                 if msg is None:
                     continue
                 err = msg.error()
                 if err is not None:
-                    if err.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(msg.partition())
+                    elif err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
                         break
-                    log.warning("reading %s: %s", self._schema_topic, err.str())
+                    else:
+                        log.warning("reading %s: %s", topic, err.str())
                     continue
-                try:
-                    schema = parse_schema(msg.value().decode())  # type: ignore[union-attr]
-                except (ChoreoError, UnicodeDecodeError, AttributeError) as exc:
-                    log.warning("skipping a bad record in %s at offset %s: %s", self._schema_topic, msg.offset(), exc)
-                    continue
-                self._schemas[schema.fingerprint] = schema
+                headers: Any = msg.headers() or []  # a list of (str, bytes | None) on consumed messages
+                records.append(Record(msg.topic(), msg.partition(), msg.offset(),  # type: ignore[arg-type]
+                                      msg.key(), msg.value(), headers, msg.timestamp()[1]))
         finally:
             reader.close()
+        if pending:
+            raise TransportError(f"reading {topic} timed out after {timeout:.0f} s (partitions {sorted(pending)})")
+        return records
+
+    async def delete_records(self, topic: str, before: dict[int, int]) -> None:
+        """Delete the records of ``topic`` below ``before[partition]`` (Kafka's DeleteRecords)."""
+        admin = self._admin_client()
+        futures = admin.delete_records([_TP(topic, p, o) for p, o in sorted(before.items())])
+        try:
+            for future in futures.values():
+                await asyncio.wrap_future(future)
+        except KafkaException as exc:
+            raise TransportError(f"deleting records of {topic} failed: {exc.args[0].str()}") from None
 
     # -- producing ----------------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ class MemoryBroker:
         self.groups: dict[str, _Group] = {}
         self.default_partitions = default_partitions
         self.schemas: dict[int, AvroSchema] = {}  # the schema topic
+        self.low: dict[TopicPartition, int] = {}  # first offset not deleted (delete_records)
         self.available = True  # False simulates an outage: every call raises TransportError
 
     def create_topic(self, name: str, partitions: int) -> None:
@@ -157,7 +158,7 @@ class MemoryTransport:
             if tp in self._paused:
                 continue
             log = self.broker.topics[tp[0]][tp[1]]
-            position = self._positions[tp]
+            position = max(self._positions[tp], self.broker.low.get(tp, 0))
             chunk = log[position : position + max_records - len(out)]
             # Each consumer gets its own copies, as records read off the network would be.
             out.extend(Record(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers), r.timestamp_ms)
@@ -186,6 +187,18 @@ class MemoryTransport:
 
     def lookup_schema(self, fingerprint: int) -> AvroSchema | None:
         return self.broker.schemas.get(fingerprint)
+
+    async def read_all(self, topic: str, timeout: float = 30.0) -> list[Record]:
+        self._check()
+        low = self.broker.low
+        return [Record(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers), r.timestamp_ms)
+                for r in self.broker.records(topic) if r.offset >= low.get((r.topic, r.partition), 0)]
+
+    async def delete_records(self, topic: str, before: dict[int, int]) -> None:
+        self._check()
+        for partition, offset in before.items():
+            key = (topic, partition)
+            self.broker.low[key] = max(self.broker.low.get(key, 0), offset)
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         self._check()
