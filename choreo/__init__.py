@@ -4,6 +4,7 @@ Typed Avro events, services whose handlers run effectively once (Kafka's at-leas
 Redis idempotency keys), and publishers for code outside handlers.
 """
 
+from choreo.breaker import CircuitBreaker
 from choreo.context import Context
 from choreo.errors import (
     ChoreoError,
@@ -30,6 +31,7 @@ from choreo.settings import Settings
 __all__ = [
     "BlockingPublisher",
     "ChoreoError",
+    "CircuitBreaker",
     "CompensationFailed",
     "ConfigurationError",
     "Context",

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from choreo.errors import ConfigurationError
 from choreo.events import Event
+from choreo.breaker import CircuitBreaker
 from choreo.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -37,6 +38,8 @@ class Subscription:
     compensable: bool = True
     #: This handler's retry policy; None uses its service's.
     retry: RetryPolicy | None = None
+    #: A circuit breaker for this handler's dependency, or None.
+    breaker: CircuitBreaker | None = None
 
     @classmethod
     def build(
@@ -50,6 +53,7 @@ class Subscription:
         undoes: str | None = None,
         compensable: bool = True,
         retry: RetryPolicy | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> Subscription:
         where = f"handler {getattr(handler, '__qualname__', handler)!r}"
         if not (isinstance(event_type, type) and issubclass(event_type, Event)):
@@ -68,5 +72,7 @@ class Subscription:
             raise ConfigurationError(f"{where}: only a compensation (service.compensate) can undo a step")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise ConfigurationError(f"{where}: retry must be a choreo.RetryPolicy, got {type(retry).__name__}")
+        if breaker is not None and not isinstance(breaker, CircuitBreaker):
+            raise ConfigurationError(f"{where}: breaker must be a choreo.CircuitBreaker, got {type(breaker).__name__}")
         return cls(event_type, handler, handler_name, frozenset(emits), compensation, undoes,
-                   compensable and not compensation, retry)
+                   compensable and not compensation, retry, breaker)

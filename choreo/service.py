@@ -30,12 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from choreo.context import Context
-from choreo.errors import ChoreoError, ConfigurationError, DecodeError, IdempotencyError, TransportError
+from choreo.errors import ChoreoError, ConfigurationError, DecodeError, EmitError, IdempotencyError, TransportError
 from choreo.events import Envelope, Event, utc_now_iso
 from choreo.idempotency import ClaimResult, IdempotencyStore, idempotency_key
 from choreo.routing import Handler, Subscription
+from choreo.breaker import BreakerState, CircuitBreaker
 from choreo.deadletter import Failure, dead_letter, dead_letter_topic
-from choreo.retry import RetryLater, RetryPolicy
+from choreo.retry import DeadLetterNow, RetryLater, RetryPolicy
 from choreo.saga import STOPPED_STATUSES, CompensationFailed
 from choreo.settings import Settings
 from choreo.transport import OutgoingRecord, Record, TopicPartition, TopicSpec, Transport
@@ -122,6 +123,7 @@ class Service:
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._skip_ended_sagas = skip_ended_sagas
+        self._breakers: dict[str, BreakerState] = {}
         #: The retry policy of handlers registered without their own.
         self.retry = retry or RetryPolicy()
         self._saga_statuses: Any = None
@@ -136,6 +138,7 @@ class Service:
         name: str | None = None,
         compensable: bool = True,
         retry: RetryPolicy | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> Callable[[H], H]:
         """Register the decorated ``async def handler(event, ctx)`` for ``event_type``: a forward step.
 
@@ -146,7 +149,8 @@ class Service:
         """
 
         def register(fn: H) -> H:
-            self.add(Subscription.build(event_type, fn, emits=emits, name=name, compensable=compensable, retry=retry))
+            self.add(Subscription.build(event_type, fn, emits=emits, name=name, compensable=compensable, retry=retry,
+                                        breaker=breaker))
             return fn
 
         return register
@@ -159,6 +163,7 @@ class Service:
         emits: Sequence[type[Event]] = (),
         name: str | None = None,
         retry: RetryPolicy | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> Callable[[H], H]:
         """Register a compensating handler: it reacts to a failure event on the saga's failure path.
 
@@ -179,10 +184,21 @@ class Service:
                     "which is not a forward handler of this service (register the step first)"
                 )
             self.add(Subscription.build(event_type, fn, emits=emits, name=name, compensation=True, undoes=target,
-                                        retry=retry))
+                                        retry=retry, breaker=breaker))
             return fn
 
         return register
+
+    def breaker_states(self) -> dict[str, str]:
+        """The state of each handler's circuit breaker: closed, open or half-open."""
+        return {name: b.state for name, b in sorted(self._breakers.items())}
+
+    def _breaker_changed(self, handler: str) -> Callable[[str, str, str], None]:
+        def changed(old: str, new: str, why: str) -> None:
+            level = logging.WARNING if new != "closed" else logging.INFO
+            self._log.log(level, "circuit breaker of handler %s: %s -> %s (%s)", handler, old, new, why)
+
+        return changed
 
     def on_start(self, fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
         """Run ``await fn()`` when the service starts, before any event (e.g. open a database pool)."""
@@ -262,6 +278,10 @@ class Service:
         specs = [TopicSpec(t, settings.topic_partitions, settings.topic_replication) for t in sorted(names)]
         await self._transport.ensure_topics(specs, create=settings.create_topics)
         types = {s.event_type for s in self._subs} | {t for s in self._subs for t in s.emits}
+        self._breakers = {
+            sub.name: BreakerState(sub.breaker, on_change=self._breaker_changed(sub.name))
+            for sub in self._subs if sub.breaker is not None
+        }
         self._wire = Wire(self.name, types, topic_prefix=settings.topic_prefix,
                           lookup=self._transport.lookup_schema)
         emitted_types = {t for s in self._subs for t in s.emits} | ({CompensationFailed} if compensates else set())
@@ -531,6 +551,12 @@ class Service:
             if item.stopped_saga is not None:
                 item.outcome = _OK  # handled: done, committed, nothing emitted
                 continue
+            breaker = self._breakers.get(item.sub.name)
+            if breaker is not None and not breaker.allow():
+                # The dependency is down: wait for the probe without spending an attempt.
+                item.outcome = _FAILED
+                item.error = _BreakerOpen(breaker.retry_in())
+                return
             env = item.envelope
             ctx = Context(
                 env,
@@ -555,6 +581,9 @@ class Service:
                 ]
             except Exception as exc:  # the handler's failure is the event's, not the service's
                 item.error = exc
+                if breaker is not None:
+                    # A handler that chose to dead-letter (or has a bug) reached its dependency fine.
+                    breaker.success() if isinstance(exc, (DeadLetterNow, EmitError)) else breaker.failure()
                 key = (_tp(item.record), item.record.offset, item.sub.name)
                 attempts, since = self._attempts.get(key, (0, ""))
                 attempts += 1
@@ -572,6 +601,8 @@ class Service:
                     exc_info=not isinstance(exc, (ChoreoError, RetryLater)),
                 )
                 return
+            if breaker is not None:
+                breaker.success()
             item.outcome = _OK
 
     # -- pausing and rewinding -----------------------------------------------------------------------------
@@ -581,6 +612,8 @@ class Service:
     ) -> None:
         if busy:
             delay = 0.2  # another process holds the claim; its lease or its finish frees it soon
+        elif item is not None and isinstance(item.error, _BreakerOpen):
+            delay = max(0.01, item.error.retry_in)
         elif item is not None and item.error is not None:
             attempts = self._attempts.get((tp, offset, item.sub.name), (1, ""))[0]
             signal = item.error
@@ -620,3 +653,11 @@ class Service:
 
 def _tp(record: Record) -> TopicPartition:
     return (record.topic, record.partition)
+
+
+class _BreakerOpen(Exception):
+    """Stands for the failure of an event whose handler's circuit breaker is open."""
+
+    def __init__(self, retry_in: float) -> None:
+        super().__init__(f"circuit breaker open, probing in {retry_in:.1f} s")
+        self.retry_in = retry_in
