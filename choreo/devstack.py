@@ -120,6 +120,22 @@ class DevStack:
             self._broker.stop(_STOP_TIMEOUT)
             raise
 
+    def stop_redis(self) -> None:
+        """Stop Redis (its data is gone: it keeps nothing on disk), for outage tests; see ``start_redis``."""
+        self._redis.stop(_STOP_TIMEOUT)
+
+    def start_redis(self) -> None:
+        """Start Redis again on the same port after ``stop_redis``; return once it answers PING."""
+        if self._stopped:
+            raise TransportError("cannot start Redis of a stopped dev stack")
+        deadline = time.monotonic() + self._ready_timeout
+        while not _port_is_free(self._redis.port):
+            if time.monotonic() > deadline:
+                raise TransportError(f"cannot restart redis: {_HOST}:{self._redis.port} is still in use")
+            time.sleep(0.02)
+        self._redis.launch()
+        self._redis.wait_ready(deadline)
+
     def stop(self) -> None:
         """Stop both servers and wait for them to exit; safe to call more than once.
 

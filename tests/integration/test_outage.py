@@ -1,0 +1,57 @@
+"""Redis goes away mid-run: no handler runs without its idempotency guard, the service keeps
+retrying, and it resumes by itself when Redis is back; nothing is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from choreo import Context, Publisher, Service, Settings
+from choreo.devstack import start_dev_stack
+from services.events import OrderPlaced
+from tests.integration.helpers import orders
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+
+@pytest.mark.timeout(120)
+async def test_a_redis_outage_pauses_handlers_and_the_service_recovers(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    stack = start_dev_stack()  # its own Redis, so stopping it disturbs no other test
+    try:
+        local = settings.model_copy(update={"redis_url": stack.redis_url, "batch_size": 10, "max_backoff_ms": 500})
+        service = Service("outage", settings=local)
+        seen: list[str] = []
+
+        @service.on(OrderPlaced)
+        async def handle(event: OrderPlaced, ctx: Context) -> None:
+            seen.append(event.order_id)
+
+        events = orders(60)
+        await service.start()
+        async with Publisher("web", settings=local) as publisher:
+            await publisher.publish_many(events[:20])
+            for _ in range(300):
+                await service.poll_once()
+                if len(set(seen)) >= 20:
+                    break
+            stack.stop_redis()
+            await publisher.publish_many(events[20:])
+            before = len(seen)
+            with caplog.at_level(logging.ERROR, logger="choreo"):
+                for _ in range(20):  # about 2 s of trying while Redis is down
+                    await service.poll_once()
+            assert len(seen) == before, "no handler ran without its idempotency guard"
+            assert any("Redis" in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+            await asyncio.to_thread(stack.start_redis)
+            for _ in range(600):
+                await service.poll_once()
+                if {e.order_id for e in events} <= set(seen):
+                    break
+        await service.close()
+        assert {e.order_id for e in events} <= set(seen), "every event ran once Redis was back"
+    finally:
+        stack.stop()
