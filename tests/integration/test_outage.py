@@ -55,3 +55,50 @@ async def test_a_redis_outage_pauses_handlers_and_the_service_recovers(
         assert {e.order_id for e in events} <= set(seen), "every event ran once Redis was back"
     finally:
         stack.stop()
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(180)
+async def test_a_stalled_broker_loses_nothing_in_flight(settings: Settings) -> None:
+    """The broker stops answering (SIGSTOP) while events are produced and consumed, then comes back:
+    the events produced during the stall are delivered, and every event is handled."""
+    import os
+    import signal
+
+    stack = start_dev_stack()  # its own broker, so stalling it disturbs no other test
+    try:
+        local = settings.model_copy(update={"kafka_bootstrap": stack.kafka_bootstrap, "batch_size": 20})
+        service = Service("stall", settings=local)
+        seen: set[str] = set()
+
+        @service.on(OrderPlaced)
+        async def handle(event: OrderPlaced, ctx: Context) -> None:
+            seen.add(event.order_id)
+
+        events = orders(100)
+        await service.start()
+        async with Publisher("web", settings=local) as publisher:
+            await publisher.publish_many(events[:50])
+            for _ in range(300):
+                await service.poll_once()
+                if len(seen) >= 50:
+                    break
+            pid = stack.broker_pid
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                # Publishing during the stall: the ack comes once the broker is back.
+                pending = asyncio.ensure_future(publisher.publish_many(events[50:]))
+                for _ in range(80):  # about 8 s: longer than the 6 s session timeout
+                    await service.poll_once()
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            await asyncio.wait_for(pending, 60)
+            for _ in range(1500):
+                await service.poll_once()
+                if len(seen) == 100:
+                    break
+        await service.close()
+        assert seen == {e.order_id for e in events}
+    finally:
+        stack.stop()
