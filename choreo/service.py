@@ -25,6 +25,7 @@ import os
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -67,8 +68,8 @@ class _Item:
 
 @dataclass(slots=True)
 class ServiceStats:
-    """Counters since start. ``dead_lettered`` lists ``(topic, partition, offset, reason)`` of every
-    record sent to a dead-letter topic."""
+    """Counters since start. ``dead_lettered`` keeps ``(topic, partition, offset, reason)`` of the last
+    1,000 records sent to a dead-letter topic (bounded: a service runs for months)."""
 
     processed: int = 0
     skipped_duplicates: int = 0
@@ -76,7 +77,7 @@ class ServiceStats:
     emitted: int = 0
     batches: int = 0
     retried: int = 0
-    dead_lettered: list[tuple[str, int, int, str]] = field(default_factory=list)
+    dead_lettered: deque[tuple[str, int, int, str]] = field(default_factory=lambda: deque(maxlen=1000))
 
 
 class Service:

@@ -558,7 +558,7 @@ async def test_a_poison_record_is_dead_lettered_in_its_place_and_the_partition_g
         await poll_until(service, lambda: {"before", "after", "elsewhere"} <= set(calls))
 
     assert calls.index("before") < calls.index("after"), "order kept around the poison record"
-    assert service.stats.dead_lettered == [(ORDERS, partition, 1, reason)]
+    assert list(service.stats.dead_lettered) == [(ORDERS, partition, 1, reason)]
     [dead] = broker.records(ORDERS + ".dlq")
     assert dead.value == b"\x00not avro" and dead.key == good.key
     assert last_header(dead.headers, DLQHeader.REASON) == reason
