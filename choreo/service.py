@@ -374,25 +374,35 @@ class Service:
         partitions: dict[TopicPartition, list[_Item]] = {}
         poison: dict[TopicPartition, list[tuple[Record, DecodeError]]] = {}
         ends: dict[TopicPartition, int] = {}
+        unavailable: dict[TopicPartition, int] = {}  # a writer schema could not be fetched: retry from here
         for record in records:
             tp = (record.topic, record.partition)
-            if tp in self._resume_at:
+            if tp in self._resume_at or tp in unavailable:
                 continue  # waiting for a retry: it will be fetched again from the failed offset
             route = self._by_topic.get(record.topic)
             if route is None:
                 continue  # not ours (cannot happen with a subscription per topic)
             cls, subs = route
-            ends[tp] = record.offset
             try:
                 envelope, event = wire.decode(record, cls)
             except DecodeError as exc:
                 poison.setdefault(tp, []).append((record, exc))
                 partitions.setdefault(tp, [])
+                ends[tp] = record.offset
                 continue
+            except TransportError as exc:
+                self._log.warning("cannot fetch a writer schema for %s [%d] offset %d: %s; will retry",
+                                  record.topic, record.partition, record.offset, exc)
+                unavailable[tp] = record.offset
+                continue
+            ends[tp] = record.offset
             items = partitions.setdefault(tp, [])
             for sub in subs:
                 key = idempotency_key(prefix, self.name, sub.name, envelope.correlation_id, envelope.event_id)
                 items.append(_Item(record, envelope, event, sub, key))
+        for tp, offset in unavailable.items():
+            if tp not in partitions:
+                self._retry_later(tp, offset, transport)
         if not partitions:
             return
 
@@ -451,6 +461,10 @@ class Service:
         commits: dict[TopicPartition, int] = {}
         for tp, items in partitions.items():
             stop = stops.get(tp)
+            if stop is None and tp in unavailable:
+                commits[tp] = unavailable[tp]  # every record before it in this batch is finished
+                self._retry_later(tp, unavailable[tp], transport)
+                continue
             if stop is None:
                 commits[tp] = ends[tp] + 1
                 self._failures.pop(tp, None)

@@ -103,6 +103,7 @@ class KafkaTransport:
         self._cooperative = "cooperative" in str(settings.kafka_config.get("partition.assignment.strategy", ""))
         self._schemas: dict[int, AvroSchema] = {}
         self._schema_misses: dict[int, float] = {}
+        self._last_schema_read = 0.0
 
     # -- connection and topics -------------------------------------------------------------------
 
@@ -285,16 +286,28 @@ class KafkaTransport:
     def lookup_schema(self, fingerprint: int) -> AvroSchema | None:
         if fingerprint in self._schemas:
             return self._schemas[fingerprint]
-        # An unknown fingerprint stays unknown for a while: a flood of garbage must not re-read the topic per record.
+        # An unknown fingerprint stays unknown for a while, and the set of them is bounded: a flood of
+        # garbage must neither re-read the topic per record nor grow memory.
         if time.monotonic() - self._schema_misses.get(fingerprint, -1e9) < 5.0:
             return None
         self._read_schema_topic()
         if fingerprint not in self._schemas:
+            if len(self._schema_misses) >= 10_000:
+                self._schema_misses.clear()
             self._schema_misses[fingerprint] = time.monotonic()
         return self._schemas.get(fingerprint)
 
     def _read_schema_topic(self, timeout: float = 10.0) -> None:
-        for record in self.read_all_blocking(self._schema_topic, timeout):
+        # Reads are spaced at least 0.2 s apart: a flood of records with distinct unknown fingerprints
+        # slows down instead of re-reading the topic back to back.
+        wait = self._last_schema_read + 0.2 - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        try:
+            records = self.read_all_blocking(self._schema_topic, timeout)
+        finally:
+            self._last_schema_read = time.monotonic()
+        for record in records:
             try:
                 schema = parse_schema((record.value or b"").decode())
             except (ChoreoError, UnicodeDecodeError) as exc:

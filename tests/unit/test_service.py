@@ -683,3 +683,38 @@ async def test_a_compensation_that_gives_up_is_dead_lettered_and_announced(
     assert envelope.correlation_id == SAGA_A and envelope.causation_id == "refund-1"
     assert event == CompensationFailed(saga_id=SAGA_A, service="inventory", handler="release",
                                        error="RuntimeError: warehouse API down")
+
+
+async def test_a_writer_schema_that_cannot_be_fetched_is_retried_not_dropped(
+    broker: MemoryBroker, config: Settings, publisher: Publisher
+) -> None:
+    from choreo import TransportError
+    from choreo.schemas import AvroSchema
+
+    class FlakyRegistry(MemoryTransport):
+        failures = 2
+
+        def lookup_schema(self, fingerprint: int) -> AvroSchema | None:
+            if self.failures:
+                self.failures -= 1
+                raise TransportError("schema topic unreachable")
+            return super().lookup_schema(fingerprint)
+
+    class OrderPlacedV1b(Event, schema=_schema("OrderPlaced", [
+        {"name": "order_id", "type": "string"}, {"name": "quantity", "type": "int"},
+        {"name": "note", "type": "string", "default": ""}])):
+        order_id: str
+        quantity: int
+        note: str = ""
+
+    service = Service("reader", settings=config, transport=FlakyRegistry(broker), idempotency=MemoryIdempotencyStore())
+    seen: list[str] = []
+
+    @service.on(OrderPlaced)
+    async def take(event: OrderPlaced, ctx: Context) -> None:
+        seen.append(event.order_id)
+
+    await service.start()
+    await publisher.publish(OrderPlacedV1b(order_id="new-writer", quantity=1, note="x"), correlation_id=SAGA_A)
+    await poll_until(service, lambda: seen == ["new-writer"], polls=100)
+    assert list(service.stats.dead_lettered) == []
