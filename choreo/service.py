@@ -473,9 +473,10 @@ class Service:
             if stop.record.offset > lowest:
                 commits[tp] = stop.record.offset
             self._retry_later(tp, stop.record.offset, transport, busy=stop.outcome == _BUSY, item=stop)
-        for item in all_items:
-            if item.outcome in _FINISHED:
-                self._attempts.pop((_tp(item.record), item.record.offset, item.sub.name), None)
+        if self._attempts:  # only batches that saw a failure pay for this walk
+            for item in all_items:
+                if item.outcome in _FINISHED:
+                    self._attempts.pop((_tp(item.record), item.record.offset, item.sub.name), None)
         transport.commit(commits)
         self.stats.processed += sum(1 for i in all_items if i.outcome == _OK)
         self.stats.skipped_duplicates += sum(1 for i in all_items if i.outcome == _SKIPPED)
@@ -501,7 +502,8 @@ class Service:
                 )
                 out.append(dead_letter(record, failure, service=self.name))
                 self.stats.dead_lettered.append((record.topic, record.partition, record.offset, exc.reason))
-        for items in partitions.values():
+        # A dead item always has a recorded attempt: without any, the per-item walk is skipped.
+        for items in partitions.values() if self._attempts else ():
             for item in items:
                 if item.outcome != _DEAD:
                     continue
