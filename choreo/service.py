@@ -12,9 +12,11 @@ An offset is stored only once its record's outcome is durable, so a crash at any
 the record; the idempotency key then skips what already happened, and emitted event ids are derived
 from the input id, so a re-emitted event is a duplicate that downstream services skip in turn.
 
-Failures: a record that cannot be decoded stops its partition at that offset (logged with topic,
-partition, offset and reason) until dead-letter topics take over; a handler that raises is retried
-with exponential backoff while its partition waits, so per-partition order is never broken.
+Failures (see ``choreo.retry``): a record that cannot be decoded is dead-lettered in its place. A
+handler that raises is retried after a backoff: a short one waits in place (the partition is paused
+and rewound), a long one goes through a retry topic while the partition moves on, with the key's
+later events parked behind it (``choreo.parking``) so retries never reorder a key. After the last
+attempt the event is dead-lettered.
 """
 
 from __future__ import annotations
@@ -37,7 +39,18 @@ from choreo.idempotency import ClaimResult, IdempotencyStore, idempotency_key
 from choreo.routing import Handler, Subscription
 from choreo.breaker import BreakerState, CircuitBreaker
 from choreo.deadletter import Failure, dead_letter, dead_letter_topic
-from choreo.retry import DeadLetterNow, RetryLater, RetryPolicy
+from choreo.parking import Gate, GateResult, ParkingLot, park_key
+from choreo import retry as _retry
+from choreo.retry import (
+    DeadLetterNow,
+    RetryLater,
+    RetryPolicy,
+    RetryState,
+    original_topic,
+    retry_tier,
+    retry_topic,
+    without_retry_headers,
+)
 from choreo.saga import STOPPED_STATUSES, CompensationFailed
 from choreo.settings import Settings
 from choreo.transport import OutgoingRecord, Record, TopicPartition, TopicSpec, Transport
@@ -47,8 +60,9 @@ log = logging.getLogger("choreo.service")
 
 H = TypeVar("H", bound=Handler)
 
-_OK, _SKIPPED, _FAILED, _BUSY, _NOT_RUN, _DEAD = range(6)
-_FINISHED = (_OK, _SKIPPED, _DEAD)  # outcomes after which the offset may move on
+_OK, _SKIPPED, _FAILED, _BUSY, _NOT_RUN, _DEAD, _TO_RETRY, _PARKED = range(8)
+# Outcomes after which the offset may move on: a retried or parked event lives on in a retry topic.
+_FINISHED = (_OK, _SKIPPED, _DEAD, _TO_RETRY, _PARKED)
 
 
 @dataclass(slots=True)
@@ -64,6 +78,11 @@ class _Item:
     copy_of: _Item | None = None  # an earlier item of this batch with the same idempotency key
     stopped_saga: str | None = None  # the status of a saga whose forward steps no longer run
     error: BaseException | None = None  # the handler's exception when it failed
+    retry: RetryState | None = None  # set for a record read from a retry topic
+    park_key: str | None = None  # set for a handler with ordered retries and a keyed record
+    gate: Gate | None = None
+    delay: float = 0.0  # the backoff before the next attempt, once it failed
+    due_ms: int = 0  # when its retry record may run (epoch ms)
 
 
 @dataclass(slots=True)
@@ -77,6 +96,7 @@ class ServiceStats:
     emitted: int = 0
     batches: int = 0
     retried: int = 0
+    parked: int = 0
     dead_lettered: deque[tuple[str, int, int, str]] = field(default_factory=lambda: deque(maxlen=1000))
 
 
@@ -99,6 +119,7 @@ class Service:
         idempotency: IdempotencyStore | None = None,
         skip_ended_sagas: bool = False,
         retry: RetryPolicy | None = None,
+        parking: ParkingLot | None = None,
     ) -> None:
         if not name or not all(c.isalnum() or c in "_-." for c in name):
             raise ConfigurationError(f"service name {name!r} must be non-empty letters, digits, '_', '-', '.'")
@@ -107,6 +128,7 @@ class Service:
         self._settings = settings
         self._transport = transport
         self._store = idempotency
+        self._parking = parking
         self._subs: list[Subscription] = []
         self._by_type: dict[type[Event], list[Subscription]] = {}
         self._by_topic: dict[str, tuple[type[Event], list[Subscription]]] = {}
@@ -121,6 +143,7 @@ class Service:
         self._log = logging.getLogger(f"choreo.service.{name}")
         self._started = False
         self._batch_time = ""
+        self._batch_ms = 0
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._skip_ended_sagas = skip_ended_sagas
@@ -128,6 +151,7 @@ class Service:
         #: The retry policy of handlers registered without their own.
         self.retry = retry or RetryPolicy()
         self._saga_statuses: Any = None
+        self._retry_sources: set[str] = set()
 
     # -- declaration --------------------------------------------------------------------------------
 
@@ -239,6 +263,10 @@ class Service:
         prefix = self.settings.topic_prefix
         return sorted(prefix + t.topic() for t in self._by_type)
 
+    def retry_topics(self) -> list[str]:
+        """The retry tiers of every consumed topic (``<topic>.retry.1`` ...), also consumed."""
+        return [retry_topic(t, k) for t in self.consumed_topics() for k in range(1, self.settings.retry_tiers + 1)]
+
     def emitted_topics(self) -> list[str]:
         prefix = self.settings.topic_prefix
         return sorted({prefix + t.topic() for s in self._subs for t in s.emits})
@@ -265,6 +293,15 @@ class Service:
 
             self._store = RedisIdempotencyStore(settings.redis_url)
         await self._store.ping()
+        if self._parking is None:
+            from choreo.stores.redis import RedisIdempotencyStore, RedisParkingLot
+
+            if isinstance(self._store, RedisIdempotencyStore):
+                self._parking = RedisParkingLot(self._store.redis, settings.redis_url)
+            else:
+                from choreo.stores.memory import MemoryParkingLot
+
+                self._parking = MemoryParkingLot()
         if self._skip_ended_sagas and self._saga_statuses is None:
             from choreo.stores.redis import RedisSagaStore
 
@@ -274,7 +311,7 @@ class Service:
             await hook()
         compensates = any(s.compensation for s in self._subs)
         internal = {settings.topic_prefix + CompensationFailed.topic()} if compensates else set()
-        names = {*self.consumed_topics(), *self.emitted_topics(), *internal,
+        names = {*self.consumed_topics(), *self.emitted_topics(), *internal, *self.retry_topics(),
                  *(dead_letter_topic(t) for t in self.consumed_topics())}
         specs = [TopicSpec(t, settings.topic_partitions, settings.topic_replication) for t in sorted(names)]
         await self._transport.ensure_topics(specs, create=settings.create_topics)
@@ -289,8 +326,13 @@ class Service:
         for emitted in sorted(emitted_types, key=lambda t: t.event_type()):
             await self._transport.register_schema(emitted.avro_schema())
         self._by_topic = {settings.topic_prefix + t.topic(): (t, subs) for t, subs in self._by_type.items()}
+        for topic, route in list(self._by_topic.items()):
+            for tier in range(1, settings.retry_tiers + 1):
+                self._by_topic[retry_topic(topic, tier)] = route
+                self._retry_sources.add(retry_topic(topic, tier))
         await self._transport.subscribe(
-            self.consumed_topics(), self.group, on_assign=self._assigned, on_revoke=self._revoked
+            self.consumed_topics() + self.retry_topics(), self.group, on_assign=self._assigned,
+            on_revoke=self._revoked,
         )
         self._started = True
         self._log.info("service %s started: group %s, topics %s", self.name, self.group, self.consumed_topics())
@@ -325,6 +367,8 @@ class Service:
             await self._store.close()
         if self._saga_statuses is not None:
             await self._saga_statuses.close()
+        if self._parking is not None:
+            await self._parking.close()
         for hook in self._on_stop:
             await hook()
         self._log.info("service %s stopped", self.name)
@@ -360,29 +404,53 @@ class Service:
     async def _process(self, records: list[Record]) -> None:
         transport = self._require_transport()
         store = self._require_store()
+        parking = self._parking
         wire = self._wire
-        assert wire is not None
+        assert wire is not None and parking is not None
         settings = self.settings
         prefix = settings.redis_prefix
         self.stats.batches += 1
         # One timestamp per batch for every emitted event: isoformat per event is measurable, and a
         # batch is processed within milliseconds.
         self._batch_time = utc_now_iso()
+        self._batch_ms = now_ms = int(time.time() * 1000)
 
         # Decode, grouped by partition in offset order. A record that cannot be decoded is dead-lettered
         # in its place, once every record before it in its partition is finished.
         partitions: dict[TopicPartition, list[_Item]] = {}
         poison: dict[TopicPartition, list[tuple[Record, DecodeError]]] = {}
         ends: dict[TopicPartition, int] = {}
-        unavailable: dict[TopicPartition, int] = {}  # a writer schema could not be fetched: retry from here
+        # Partitions that wait from an offset on: a retry record not yet due (for the seconds given),
+        # or a writer schema that could not be fetched (None: back off).
+        waits: dict[TopicPartition, tuple[int, float | None]] = {}
         for record in records:
             tp = (record.topic, record.partition)
-            if tp in self._resume_at or tp in unavailable:
-                continue  # waiting for a retry: it will be fetched again from the failed offset
+            if tp in self._resume_at or tp in waits:
+                continue  # waiting: it will be fetched again from the offset it waits at
             route = self._by_topic.get(record.topic)
             if route is None:
                 continue  # not ours (cannot happen with a subscription per topic)
             cls, subs = route
+            state: RetryState | None = None
+            if record.topic in self._retry_sources:
+                try:
+                    state = RetryState.read(record.headers)
+                except ValueError as exc:
+                    poison.setdefault(tp, []).append((record, DecodeError(str(exc), reason="bad-retry-headers")))
+                    partitions.setdefault(tp, [])
+                    ends[tp] = record.offset
+                    continue
+                if state.due_ms > now_ms:
+                    waits[tp] = (record.offset, (state.due_ms - now_ms) / 1000)
+                    continue
+                subs = [sub for sub in subs if sub.name in state.handlers]
+                if not subs:
+                    error = DecodeError(f"no handler named {', '.join(state.handlers)} (renamed while the event "
+                                        "waited for a retry?)", reason="unknown-handler")
+                    poison.setdefault(tp, []).append((record, error))
+                    partitions.setdefault(tp, [])
+                    ends[tp] = record.offset
+                    continue
             try:
                 envelope, event = wire.decode(record, cls)
             except DecodeError as exc:
@@ -393,16 +461,20 @@ class Service:
             except TransportError as exc:
                 self._log.warning("cannot fetch a writer schema for %s [%d] offset %d: %s; will retry",
                                   record.topic, record.partition, record.offset, exc)
-                unavailable[tp] = record.offset
+                waits[tp] = (record.offset, None)
                 continue
             ends[tp] = record.offset
             items = partitions.setdefault(tp, [])
+            origin_topic = record.topic if state is None else state.origin[0]
             for sub in subs:
                 key = idempotency_key(prefix, self.name, sub.name, envelope.correlation_id, envelope.event_id)
-                items.append(_Item(record, envelope, event, sub, key))
-        for tp, offset in unavailable.items():
+                item = _Item(record, envelope, event, sub, key, retry=state)
+                if record.key is not None and settings.retry_tiers and (sub.retry or self.retry).ordered:
+                    item.park_key = park_key(prefix, self.group, sub.name, origin_topic, record.key)
+                items.append(item)
+        for tp, (offset, wait) in waits.items():
             if tp not in partitions:
-                self._retry_later(tp, offset, transport)
+                self._pause(tp, offset, wait)
         if not partitions:
             return
 
@@ -411,7 +483,7 @@ class Service:
             claims = await store.claim([i.key for i in all_items], self._owner, settings.claim_lease_ms)
         except IdempotencyError as exc:
             self._log.error("%s; pausing %d partitions", exc, len(partitions))
-            self._rewind_all(partitions, transport)
+            self._rewind_all(partitions)
             return
         claimed_here: dict[str, _Item] = {}
         for item, claim in zip(all_items, claims):
@@ -425,6 +497,21 @@ class Service:
                     claim = ClaimResult.BUSY
             item.claim = claim
 
+        # Per-key order across retry topics: which events must wait behind an earlier one of their key.
+        gated = [i for i in all_items if i.park_key is not None and i.claim is not ClaimResult.BUSY]
+        if gated:
+            try:
+                gates = await parking.gate(
+                    [(i.park_key, i.envelope.event_id, i.claim is ClaimResult.CLAIMED) for i in gated  # type: ignore[misc]
+                     ], settings.done_ttl_ms)
+            except IdempotencyError as exc:
+                self._log.error("%s; pausing %d partitions", exc, len(partitions))
+                await self._release([i for i in all_items if i.claim is ClaimResult.CLAIMED], store)
+                self._rewind_all(partitions)
+                return
+            for item, gate in zip(gated, gates):
+                item.gate = gate
+
         if self._saga_statuses is not None:
             await self._skip_stopped_sagas(all_items)
 
@@ -437,14 +524,33 @@ class Service:
                 if item.outcome not in _FINISHED:
                     stops[tp] = item
                     break
+            stop = stops.get(tp)
+            if stop is not None:
+                for item in items:
+                    # Another handler of the stopping record went to a retry topic: the record is
+                    # delivered again, and that handler with it.
+                    if item.record.offset >= stop.record.offset and item.outcome in (_TO_RETRY, _PARKED):
+                        item.outcome = _NOT_RUN
         dead = self._dead_letters(partitions, poison, stops)
-        outgoing = [r for item in all_items if item.outcome == _OK for r in item.out] + dead
+        retries = self._retry_records(all_items) if self._retry_sources else []
+        outgoing = [r for item in all_items if item.outcome == _OK for r in item.out] + dead + retries
+        if retries:
+            parks = [(i.park_key, i.envelope.event_id, i.due_ms if i.outcome == _TO_RETRY else 0)
+                     for i in all_items if i.park_key is not None and i.outcome in (_TO_RETRY, _PARKED)]
+            try:
+                # Before the retry records go out: a head whose record is redelivered may run again.
+                await parking.park(parks, settings.done_ttl_ms)
+            except IdempotencyError as exc:
+                self._log.error("%s; the batch will be retried", exc)
+                await self._release([i for i in all_items if i.claim is ClaimResult.CLAIMED], store)
+                self._rewind_all(partitions)
+                return
         try:
             await transport.send(outgoing)
         except TransportError as exc:
             self._log.error("publishing %d records failed: %s; the batch will be retried", len(outgoing), exc)
             await self._release([i for i in all_items if i.claim is ClaimResult.CLAIMED], store)
-            self._rewind_all(partitions, transport)
+            self._rewind_all(partitions)
             return
 
         # A dead-lettered event is released, not done: a replay of it must run the handler again.
@@ -452,18 +558,23 @@ class Service:
         released = [i.key for i in all_items if i.claim is ClaimResult.CLAIMED and i.outcome != _OK]
         try:
             await store.finish(done, released, self._owner, settings.done_ttl_ms)
+            # Heads that are finished for good let the next event of their key run.
+            await parking.unpark([(i.park_key, i.envelope.event_id) for i in gated  # type: ignore[misc]
+                                  if i.gate is not None and i.gate.result is GateResult.HEAD
+                                  and i.outcome in (_OK, _SKIPPED, _DEAD)])
         except IdempotencyError as exc:
             # The emitted events are out; the claims expire, and the re-run emits the same ids.
             self._log.error("%s; the batch will be retried", exc)
-            self._rewind_all(partitions, transport)
+            self._rewind_all(partitions)
             return
 
         commits: dict[TopicPartition, int] = {}
         for tp, items in partitions.items():
             stop = stops.get(tp)
-            if stop is None and tp in unavailable:
-                commits[tp] = unavailable[tp]  # every record before it in this batch is finished
-                self._retry_later(tp, unavailable[tp], transport)
+            if stop is None and tp in waits:
+                offset, wait = waits[tp]
+                commits[tp] = offset  # every record before it in this batch is finished
+                self._pause(tp, offset, wait)
                 continue
             if stop is None:
                 commits[tp] = ends[tp] + 1
@@ -472,7 +583,15 @@ class Service:
             lowest = min([i.record.offset for i in items] + [r.offset for r, _ in poison.get(tp, [])])
             if stop.record.offset > lowest:
                 commits[tp] = stop.record.offset
-            self._retry_later(tp, stop.record.offset, transport, busy=stop.outcome == _BUSY, item=stop)
+            if stop.outcome == _BUSY:
+                delay: float | None = 0.2  # another process holds the claim; its lease or finish frees it soon
+            elif isinstance(stop.error, _BreakerOpen):
+                delay = max(0.01, stop.error.retry_in)
+            elif stop.error is not None:
+                delay = stop.delay
+            else:
+                delay = None
+            self._pause(tp, stop.record.offset, delay)
         if self._attempts:  # only batches that saw a failure pay for this walk
             for item in all_items:
                 if item.outcome in _FINISHED:
@@ -480,7 +599,7 @@ class Service:
         transport.commit(commits)
         self.stats.processed += sum(1 for i in all_items if i.outcome == _OK)
         self.stats.skipped_duplicates += sum(1 for i in all_items if i.outcome == _SKIPPED)
-        self.stats.emitted += len(outgoing) - len(dead)
+        self.stats.emitted += len(outgoing) - len(dead) - len(retries)
 
     def _dead_letters(
         self,
@@ -488,7 +607,10 @@ class Service:
         poison: dict[TopicPartition, list[tuple[Record, DecodeError]]],
         stops: dict[TopicPartition, _Item],
     ) -> list[OutgoingRecord]:
-        """Dead-letter records (and ``CompensationFailed`` events) for this batch's finished failures."""
+        """Dead-letter records (and ``CompensationFailed`` events) for this batch's finished failures.
+
+        An event that failed in a retry topic is dead-lettered as its original record: topic,
+        partition, offset and headers as first consumed, so ``choreo dlq replay`` sends it back there."""
         out: list[OutgoingRecord] = []
         for tp, bad in poison.items():
             stop = stops.get(tp)
@@ -496,11 +618,12 @@ class Service:
                 if stop is not None and record.offset > stop.record.offset:
                     continue  # behind a record still in retry: it is fetched and judged again later
                 failure = Failure(exc.reason, type(exc).__name__, str(exc))
+                original = _origin(record)
                 self._log.error(
                     "cannot process %s [%d] offset %d: %s: %s; sent to %s",
-                    record.topic, record.partition, record.offset, exc.reason, exc, dead_letter_topic(record.topic),
+                    record.topic, record.partition, record.offset, exc.reason, exc, dead_letter_topic(original.topic),
                 )
-                out.append(dead_letter(record, failure, service=self.name))
+                out.append(dead_letter(original, failure, service=self.name))
                 self.stats.dead_lettered.append((record.topic, record.partition, record.offset, exc.reason))
         # A dead item always has a recorded attempt: without any, the per-item walk is skipped.
         for items in partitions.values() if self._attempts else ():
@@ -511,7 +634,7 @@ class Service:
                 attempts, since = self._attempts.get((_tp(item.record), item.record.offset, item.sub.name), (1, ""))
                 failure = Failure.from_exception("handler-error", item.error, handler=item.sub.name,
                                                  attempts=attempts, first_failure=since)
-                rec = item.record
+                rec = _origin(item.record, item.retry)
                 self._log.error(
                     "handler %s gave up on %s [%d] offset %d (event %s) after %d attempt(s): %s: %s; sent to %s",
                     item.sub.name, rec.topic, rec.partition, rec.offset, item.envelope.event_id, attempts,
@@ -528,6 +651,31 @@ class Service:
                         event_id=derive_event_id(env.event_id, f"{item.sub.name}/compensation-failed", 0),
                         correlation_id=env.correlation_id, causation_id=env.event_id, occurred_at=self._batch_time,
                     ))
+        return out
+
+    def _retry_records(self, items: list[_Item]) -> list[OutgoingRecord]:
+        """Records for the retry topics: events whose handler waits long for its next attempt, and
+        events parked behind an earlier event of their key. Original key, value and headers."""
+        out: list[OutgoingRecord] = []
+        for item in items:
+            if item.outcome != _TO_RETRY and item.outcome != _PARKED:
+                continue
+            rec = item.record
+            prior = item.retry
+            origin = prior.origin if prior is not None else (rec.topic, rec.partition, rec.offset)
+            if item.outcome == _TO_RETRY:
+                attempts, since = self._attempts[(_tp(rec), rec.offset, item.sub.name)]
+                tier = retry_tier(item.delay, self.settings.retry_tiers)
+                error = f"{type(item.error).__name__}: {item.error}"
+            else:
+                attempts = prior.attempts if prior is not None else 0
+                since = prior.first_failure if prior is not None else ""
+                tier, error = 1, ""
+            state = RetryState(attempts, item.due_ms, (item.sub.name,), since, origin,
+                               parked=item.outcome == _PARKED, error=error)
+            headers = without_retry_headers(rec.headers) if prior is not None else list(rec.headers)
+            out.append(OutgoingRecord(retry_topic(origin[0], tier), rec.key, rec.value or b"",
+                                      headers + state.headers()))
         return out
 
     async def _skip_stopped_sagas(self, items: list[_Item]) -> None:
@@ -551,6 +699,9 @@ class Service:
     async def _run_partition(self, items: list[_Item]) -> None:
         wire = self._wire
         assert wire is not None
+        # Keys whose earlier event in this batch went to a retry topic or was parked, with the time
+        # that event is due: the key's later events here are parked behind it.
+        held: dict[str, int] = {}
         for item in items:
             if item.claim is ClaimResult.DONE:
                 item.outcome = _SKIPPED
@@ -565,6 +716,18 @@ class Service:
                 # Held elsewhere (another process, or a copy on another partition): try again shortly.
                 item.outcome = _BUSY
                 return
+            pk = item.park_key
+            gate = item.gate.result if item.gate is not None else GateResult.FREE
+            # The head of its key runs even behind a parked record of that key in this batch: in a
+            # retry topic the head's latest record may come after its followers' records.
+            if pk is not None and gate is not GateResult.HEAD and (gate is GateResult.PARKED or pk in held):
+                head_due = held.get(pk) or (item.gate.head_due_ms if item.gate is not None else 0)
+                item.outcome = _PARKED
+                item.due_ms = _recheck_at(self._batch_ms, head_due)
+                self.stats.parked += 1
+                self._log.debug("event %s of handler %s parked behind an earlier event of key %r in retry",
+                                item.envelope.event_id, item.sub.name, item.record.key)
+                continue
             if item.stopped_saga is not None:
                 item.outcome = _OK  # handled: done, committed, nothing emitted
                 continue
@@ -602,7 +765,9 @@ class Service:
                     # A handler that chose to dead-letter (or has a bug) reached its dependency fine.
                     breaker.success() if isinstance(exc, (DeadLetterNow, EmitError)) else breaker.failure()
                 key = (_tp(item.record), item.record.offset, item.sub.name)
-                attempts, since = self._attempts.get(key, (0, ""))
+                prior = item.retry
+                attempts, since = self._attempts.get(key) or (
+                    (prior.attempts, prior.first_failure) if prior is not None else (0, ""))
                 attempts += 1
                 self._attempts[key] = (attempts, since or utc_now_iso())
                 policy = item.sub.retry or self.retry
@@ -610,13 +775,28 @@ class Service:
                 if policy.gives_up(exc, attempts):
                     item.outcome = _DEAD  # dead-lettered by _process; the partition moves on
                     continue
-                item.outcome = _FAILED
+                self.stats.retried += 1
+                if isinstance(exc, RetryLater) and exc.delay_s is not None:
+                    item.delay = exc.delay_s
+                else:
+                    item.delay = policy.delay(attempts)
+                long_wait = item.delay > policy.in_process_max_s and bool(self._retry_sources)
                 self._log.warning(
-                    "handler %s failed on %s [%d] offset %d (event %s), attempt %d of %d: %s: %s",
+                    "handler %s failed on %s [%d] offset %d (event %s), attempt %d of %d: %s: %s; next attempt "
+                    "in %.2f s%s",
                     item.sub.name, item.record.topic, item.record.partition, item.record.offset,
-                    env.event_id, attempts, policy.max_attempts, type(exc).__name__, exc,
+                    env.event_id, attempts, policy.max_attempts, type(exc).__name__, exc, item.delay,
+                    " through a retry topic" if long_wait else "",
                     exc_info=not isinstance(exc, (ChoreoError, RetryLater)),
                 )
+                if long_wait:
+                    # The partition moves on; the key's later events wait behind this one.
+                    item.outcome = _TO_RETRY
+                    item.due_ms = self._batch_ms + int(item.delay * 1000)
+                    if pk is not None:
+                        held[pk] = item.due_ms
+                    continue
+                item.outcome = _FAILED
                 return
             if breaker is not None:
                 breaker.success()
@@ -624,32 +804,22 @@ class Service:
 
     # -- pausing and rewinding -----------------------------------------------------------------------------
 
-    def _retry_later(
-        self, tp: TopicPartition, offset: int, transport: Transport, *, busy: bool = False, item: _Item | None = None
-    ) -> None:
-        if busy:
-            delay = 0.2  # another process holds the claim; its lease or its finish frees it soon
-        elif item is not None and isinstance(item.error, _BreakerOpen):
-            delay = max(0.01, item.error.retry_in)
-        elif item is not None and item.error is not None:
-            attempts = self._attempts.get((tp, offset, item.sub.name), (1, ""))[0]
-            signal = item.error
-            if isinstance(signal, RetryLater) and signal.delay_s is not None:
-                delay = signal.delay_s
-            else:
-                delay = (item.sub.retry or self.retry).delay(attempts)
-            self.stats.retried += 1
-        else:
+    def _pause(self, tp: TopicPartition, offset: int, delay: float | None) -> None:
+        """Rewind ``tp`` to ``offset`` and fetch it again after ``delay`` seconds (None: a backoff
+        that grows with the partition's consecutive failures)."""
+        if delay is None:
             failures = self._failures.get(tp, 0) + 1
             self._failures[tp] = failures
             delay = min(self.settings.max_backoff_ms / 1000, 0.1 * 2 ** (failures - 1))
+        transport = self._require_transport()
         transport.seek(tp, offset)
         transport.pause([tp])
         self._resume_at[tp] = time.monotonic() + delay
 
-    def _rewind_all(self, partitions: dict[TopicPartition, list[_Item]], transport: Transport) -> None:
+    def _rewind_all(self, partitions: dict[TopicPartition, list[_Item]]) -> None:
         for tp, items in partitions.items():
-            self._retry_later(tp, items[0].record.offset, transport)
+            if items:
+                self._pause(tp, items[0].record.offset, None)
 
     async def _release(self, items: list[_Item], store: IdempotencyStore) -> None:
         try:
@@ -670,6 +840,28 @@ class Service:
 
 def _tp(record: Record) -> TopicPartition:
     return (record.topic, record.partition)
+
+
+def _origin(record: Record, state: RetryState | None = None) -> Record:
+    """The record as first consumed, for a record read from a retry topic."""
+    if state is None:
+        if original_topic(record.topic) == record.topic:
+            return record
+        # A retry record whose own headers are broken: its original topic is still in its name.
+        return Record(original_topic(record.topic), record.partition, record.offset, record.key, record.value,
+                      without_retry_headers(record.headers), record.timestamp_ms)
+    topic, partition, offset = state.origin
+    return Record(topic, partition, offset, record.key, record.value, without_retry_headers(record.headers),
+                  record.timestamp_ms)
+
+
+def _recheck_at(now_ms: int, head_due_ms: int) -> int:
+    """When a parked event looks again whether it heads its key: just after the head is due, within
+    the first retry tier's range so it does not hold up the records behind it there for long."""
+    recheck_ms = int(_retry.PARK_RECHECK_S * 1000)
+    if not head_due_ms:
+        return now_ms + recheck_ms
+    return max(now_ms + recheck_ms // 10, min(head_due_ms + recheck_ms // 10, now_ms + 10 * recheck_ms))
 
 
 class _BreakerOpen(Exception):

@@ -68,6 +68,9 @@ class Settings(BaseModel):
     done_ttl_ms: int = Field(default=7 * 24 * 3_600_000, ge=1_000)
     #: Upper bound of the pause before a failed event is tried again.
     max_backoff_ms: int = Field(default=30_000, ge=1)
+    #: Retry topics per consumed topic (``<topic>.retry.1`` ...) for retry delays longer than a
+    #: policy's ``in_process_max_s``; 0 waits every delay in place, pausing the partition.
+    retry_tiers: int = Field(default=3, ge=0, le=9)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
 
     @field_validator("kafka_bootstrap")

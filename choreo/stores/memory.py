@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from choreo.idempotency import ClaimResult
+from choreo.parking import Gate, GateResult
 
 
 class MemoryIdempotencyStore:
@@ -51,6 +52,51 @@ class MemoryIdempotencyStore:
 
     async def ping(self) -> None:
         return None
+
+    async def close(self) -> None:
+        return None
+
+
+class MemoryParkingLot:
+    """``ParkingLot`` in dicts, for unit tests (lists never expire)."""
+
+    def __init__(self) -> None:
+        self.lists: dict[str, list[str]] = {}
+        self._due: dict[str, int] = {}
+
+    async def gate(self, entries: Sequence[tuple[str, str, bool]], ttl_ms: int) -> list[Gate]:
+        out = []
+        for key, event_id, may_park in entries:
+            ids = self.lists.get(key)
+            if not ids:
+                out.append(Gate(GateResult.FREE))
+            elif ids[0] == event_id:
+                out.append(Gate(GateResult.HEAD))
+            elif may_park:
+                if event_id not in ids:
+                    ids.append(event_id)
+                out.append(Gate(GateResult.PARKED, self._due.get(key, 0)))
+            else:
+                out.append(Gate(GateResult.FREE))
+        return out
+
+    async def park(self, entries: Sequence[tuple[str, str, int]], ttl_ms: int) -> None:
+        for key, event_id, due_ms in entries:
+            ids = self.lists.setdefault(key, [])
+            if event_id not in ids:
+                ids.append(event_id)
+            if due_ms and ids[0] == event_id:
+                self._due[key] = due_ms
+
+    async def unpark(self, entries: Sequence[tuple[str, str]]) -> None:
+        for key, event_id in entries:
+            ids = self.lists.get(key, [])
+            if ids and ids[0] == event_id:
+                self._due.pop(key, None)
+            if event_id in ids:
+                ids.remove(event_id)
+            if not ids:
+                self.lists.pop(key, None)
 
     async def close(self) -> None:
         return None

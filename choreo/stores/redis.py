@@ -14,6 +14,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from choreo.errors import IdempotencyError
 from choreo.idempotency import ClaimResult
+from choreo.parking import Gate, GateResult
 
 # Values: "d" when done, "c:<owner>" while claimed. The reply is one string of digits, one per key:
 # parsing a 500-element array reply in redis-py costs more than the script itself. A claim by the same owner is granted again, so a
@@ -97,6 +98,108 @@ class RedisIdempotencyStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+# Lists of event ids per key, head first (see choreo.parking); ``<list>:due`` holds the head's retry
+# time. Replies are short strings naming only the entries that are not free: most batches park nothing.
+_GATE = """
+local ttl = ARGV[1]
+local out = {}
+for i, key in ipairs(KEYS) do
+  local id = ARGV[2 * i]
+  local head = redis.call('LINDEX', key, 0)
+  if head then
+    if head == id then
+      out[#out + 1] = i .. ':h'
+    elseif ARGV[2 * i + 1] == '1' then
+      if not redis.call('LPOS', key, id) then
+        redis.call('RPUSH', key, id)
+      end
+      redis.call('PEXPIRE', key, ttl)
+      out[#out + 1] = i .. ':p:' .. (redis.call('GET', key .. ':due') or '0')
+    end
+  end
+end
+return table.concat(out, ',')
+"""
+
+_PARK = """
+local ttl = ARGV[1]
+for i, key in ipairs(KEYS) do
+  local id = ARGV[2 * i]
+  if not redis.call('LPOS', key, id) then
+    redis.call('RPUSH', key, id)
+  end
+  redis.call('PEXPIRE', key, ttl)
+  if ARGV[2 * i + 1] ~= '0' and redis.call('LINDEX', key, 0) == id then
+    redis.call('SET', key .. ':due', ARGV[2 * i + 1], 'PX', ttl)
+  end
+end
+return #KEYS
+"""
+
+_UNPARK = """
+for i, key in ipairs(KEYS) do
+  if redis.call('LINDEX', key, 0) == ARGV[i] then
+    redis.call('DEL', key .. ':due')
+  end
+  redis.call('LREM', key, 1, ARGV[i])
+end
+return #KEYS
+"""
+
+
+class RedisParkingLot:
+    """``ParkingLot`` on Redis >= 6.0.6 (LPOS), sharing a connection pool with the idempotency store."""
+
+    def __init__(self, redis: aioredis.Redis, url: str) -> None:
+        self._redis = redis
+        self._url = url
+        self._gate = redis.register_script(_GATE)
+        self._park = redis.register_script(_PARK)
+        self._unpark = redis.register_script(_UNPARK)
+
+    async def gate(self, entries: Sequence[tuple[str, str, bool]], ttl_ms: int) -> list[Gate]:
+        gates = [_FREE] * len(entries)
+        if not entries:
+            return gates
+        args: list[str | int] = [ttl_ms]
+        for _, event_id, may_park in entries:
+            args += [event_id, "1" if may_park else "0"]
+        try:
+            raw = await self._gate(keys=[key for key, _, _ in entries], args=args)
+        except (RedisError, OSError) as exc:
+            raise IdempotencyError(f"checking parked keys in Redis at {_safe(self._url)} failed: {exc}") from exc
+        for part in _text(raw).split(",") if raw else ():
+            index, kind, *due = part.split(":")
+            gates[int(index) - 1] = _HEAD if kind == "h" else Gate(GateResult.PARKED, int(due[0]) if due else 0)
+        return gates
+
+    async def park(self, entries: Sequence[tuple[str, str, int]], ttl_ms: int) -> None:
+        if not entries:
+            return
+        args: list[str | int] = [ttl_ms]
+        for _, event_id, due_ms in entries:
+            args += [event_id, due_ms]
+        try:
+            await self._park(keys=[key for key, _, _ in entries], args=args)
+        except (RedisError, OSError) as exc:
+            raise IdempotencyError(f"parking events in Redis at {_safe(self._url)} failed: {exc}") from exc
+
+    async def unpark(self, entries: Sequence[tuple[str, str]]) -> None:
+        if not entries:
+            return
+        try:
+            await self._unpark(keys=[key for key, _ in entries], args=[event_id for _, event_id in entries])
+        except (RedisError, OSError) as exc:
+            raise IdempotencyError(f"releasing parked keys in Redis at {_safe(self._url)} failed: {exc}") from exc
+
+    async def close(self) -> None:
+        return None  # the connection belongs to the idempotency store
+
+
+_FREE = Gate(GateResult.FREE)
+_HEAD = Gate(GateResult.HEAD)
 
 
 def _safe(url: str) -> str:
