@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -35,19 +35,22 @@ log = logging.getLogger("choreo.kafka")
 class _Acks:
     """Counts delivery reports of one ``send`` call and wakes the awaiting coroutine once, at the end."""
 
-    __slots__ = ("_lock", "_pending", "_errors", "_future", "_loop")
+    __slots__ = ("_lock", "_pending", "_errors", "_future", "_loop", "_on_stuck")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int, on_stuck: Callable[[], None]) -> None:
         self._lock = threading.Lock()
         self._pending = count
         self._errors: list[str] = []
         self._loop = loop
         self._future: asyncio.Future[None] = loop.create_future()
+        self._on_stuck = on_stuck
 
     def __call__(self, err: KafkaError | None, msg: Any) -> None:
         with self._lock:
             if err is not None:
                 self._errors.append(f"{msg.topic()}: {err.str()}")
+                if err.fatal() or err.code() == KafkaError._MSG_TIMED_OUT:
+                    self._on_stuck()
             self._pending -= 1
             finished = self._pending == 0
         if finished:
@@ -79,17 +82,17 @@ class KafkaTransport:
             **settings.kafka_config,
         }
         self._common = common
-        self._producer = Producer(
-            {
-                **common,
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": settings.linger_ms,
-                # An idempotent producer that lost its broker state never recovers (see STACK.md);
-                # bound the wait so a send fails with a clear error instead of hanging.
-                "message.timeout.ms": 30_000,
-            }
-        )
+        self._producer_config = {
+            **common,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": settings.linger_ms,
+            # An idempotent producer whose broker lost its producer state may never deliver again
+            # (see STACK.md): bound the wait, so the send fails and the producer is replaced.
+            "message.timeout.ms": settings.kafka_config.get("message.timeout.ms", 30_000),
+        }
+        self._producer = Producer(self._producer_config)
+        self._producer_stuck = False
         self._consumer: Consumer | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{client_id}-fetch")
         self._stop_polling = threading.Event()
@@ -373,8 +376,10 @@ class KafkaTransport:
     def send(self, records: Sequence[OutgoingRecord]) -> asyncio.Future[None]:
         if self._closed:
             raise TransportError("cannot send: the transport is closed")
+        if self._producer_stuck:
+            self._replace_producer()
         loop = asyncio.get_running_loop()
-        acks = _Acks(loop, len(records))
+        acks = _Acks(loop, len(records), self._stuck)
         if not records:
             acks._future.set_result(None)
             return acks._future
@@ -391,6 +396,20 @@ class KafkaTransport:
                     break
         return acks._future
 
+    def _stuck(self) -> None:
+        self._producer_stuck = True
+
+    def _replace_producer(self) -> None:
+        """A fresh idempotent producer (new producer id) after a fatal error or timed-out deliveries.
+
+        Every record of the old one has failed (or is about to), so its batch is re-sent by the caller;
+        re-sent events keep their ids, and idempotency keys make the copies harmless."""
+        log.warning("replacing the Kafka producer after a fatal error or timed-out deliveries")
+        self._producer_stuck = False
+        old, self._producer = self._producer, Producer(self._producer_config)
+        old.purge()  # fail what is still queued or in flight: those sends raise PublishError
+        old.poll(0)  # deliver those failures (the poller thread serves only the new producer)
+
     def _poll_producer(self) -> None:
         while not self._stop_polling.is_set():
             self._producer.poll(0.05)
@@ -405,6 +424,7 @@ class KafkaTransport:
     def _on_error(self, error: KafkaError) -> None:
         if error.fatal():
             log.error("fatal Kafka error: %s", error.str())
+            self._producer_stuck = True
         elif self._connected:
             log.warning("Kafka: %s", error.str())
         else:

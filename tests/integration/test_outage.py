@@ -102,3 +102,46 @@ async def test_a_stalled_broker_loses_nothing_in_flight(settings: Settings) -> N
         assert seen == {e.order_id for e in events}
     finally:
         stack.stop()
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(180)
+async def test_a_broker_that_lost_its_state_gets_a_fresh_producer(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An idempotent producer whose broker restarted empty (Tansu keeps everything in memory) never
+    delivers again; its timed-out send fails, the transport replaces the producer, and the next send
+    is delivered."""
+    from choreo.errors import PublishError
+    from choreo.transport.kafka import KafkaTransport
+
+    stack = start_dev_stack()  # its own broker: a restart empties it
+    try:
+        local = settings.model_copy(update={"kafka_bootstrap": stack.kafka_bootstrap,
+                                            "kafka_config": {"message.timeout.ms": 4_000}})
+        async with Publisher("web", settings=local) as publisher:
+            first, second, third = orders(3)
+            await publisher.publish(first)
+            await asyncio.to_thread(stack.restart_broker)
+            caplog.set_level(logging.WARNING, logger="choreo.kafka")
+            failures = 0
+            for event in (second, third):
+                for _ in range(5):
+                    try:
+                        await publisher.publish(event)
+                        break
+                    except PublishError:
+                        failures += 1
+                else:
+                    raise AssertionError(f"{event.order_id} was never delivered after the restart")
+        reader = KafkaTransport(local)
+        await reader.connect()
+        try:
+            got = await reader.read_all(local.topic_prefix + OrderPlaced.topic())
+        finally:
+            await reader.close()
+        assert 1 <= failures <= 2, "the stuck producer failed, and a fresh one delivers at once"
+        assert any("replacing the Kafka producer" in r.getMessage() for r in caplog.records)
+        assert len(got) >= 2  # the restart emptied the topic: the two events published after it
+    finally:
+        stack.stop()
