@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from choreo.errors import ConfigurationError
 from choreo.events import Event
 from choreo.settings import Settings
+from choreo.tracing import Tracing
 from choreo.transport import TopicSpec, Transport
 from choreo.wire import Wire, new_event_id
 
@@ -23,10 +24,12 @@ class Publisher:
     then its own event id, and it is also the Kafka key. Use as ``async with Publisher("web") as p``.
     """
 
-    def __init__(self, name: str, *, settings: Settings | None = None, transport: Transport | None = None) -> None:
+    def __init__(self, name: str, *, settings: Settings | None = None, transport: Transport | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.name = name
         self._settings = settings
         self._transport = transport
+        self._tracing = tracing
         self._wire: Wire | None = None
         self._ready_topics: set[str] = set()
         self._registered: set[type[Event]] = set()
@@ -43,6 +46,8 @@ class Publisher:
 
             self._transport = KafkaTransport(self.settings, client_id=self.name)
         await self._transport.connect()
+        if self._tracing is None:
+            self._tracing = Tracing.from_env(self.name)
         self._wire = Wire(self.name, topic_prefix=self.settings.topic_prefix, lookup=self._transport.lookup_schema)
 
     async def publish(
@@ -92,7 +97,23 @@ class Publisher:
             self._wire.encode(e, event_id=i, correlation_id=saga, causation_id=causation_id, key=key)
             for e, i, saga in zip(events, ids, sagas)
         ]
-        await transport.send(records)
+        tracing = self._tracing
+        if tracing is None or not tracing.enabled:
+            await transport.send(records)
+            return ids
+        # Each publish opens its saga's trace (or continues the caller's current one).
+        spans = tracing.producer_spans(records, None, [
+            {"messaging.system": "kafka", "messaging.operation.type": "send", "messaging.operation.name": "send",
+             "messaging.destination.name": r.topic, "messaging.message.id": i, "choreo.saga.id": saga,
+             "choreo.service": self.name, "choreo.event.type": type(e).event_type()}
+            for r, e, i, saga in zip(records, events, ids, sagas)
+        ])
+        try:
+            await transport.send(records)
+        except BaseException as exc:
+            Tracing.end_all(spans, exc)
+            raise
+        Tracing.end_all(spans)
         return ids
 
     async def _ensure_started(self) -> Transport:
@@ -119,6 +140,8 @@ class Publisher:
     async def close(self) -> None:
         if self._transport is not None:
             await self._transport.close()
+        if self._tracing is not None:
+            await self._tracing.close()
 
     async def __aenter__(self) -> Publisher:
         await self.start()

@@ -53,6 +53,7 @@ from choreo.retry import (
 )
 from choreo.saga import STOPPED_STATUSES, CompensationFailed
 from choreo.settings import Settings
+from choreo.tracing import Tracing
 from choreo.transport import OutgoingRecord, Record, TopicPartition, TopicSpec, Transport
 from choreo.wire import Wire, derive_event_id
 
@@ -83,6 +84,7 @@ class _Item:
     gate: Gate | None = None
     delay: float = 0.0  # the backoff before the next attempt, once it failed
     due_ms: int = 0  # when its retry record may run (epoch ms)
+    spans: list[Any] = field(default_factory=list)  # producer spans of its emitted events, ended on ack
 
 
 @dataclass(slots=True)
@@ -120,6 +122,7 @@ class Service:
         skip_ended_sagas: bool = False,
         retry: RetryPolicy | None = None,
         parking: ParkingLot | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         if not name or not all(c.isalnum() or c in "_-." for c in name):
             raise ConfigurationError(f"service name {name!r} must be non-empty letters, digits, '_', '-', '.'")
@@ -129,6 +132,7 @@ class Service:
         self._transport = transport
         self._store = idempotency
         self._parking = parking
+        self._tracing = tracing
         self._subs: list[Subscription] = []
         self._by_type: dict[type[Event], list[Subscription]] = {}
         self._by_topic: dict[str, tuple[type[Event], list[Subscription]]] = {}
@@ -293,6 +297,8 @@ class Service:
 
             self._store = RedisIdempotencyStore(settings.redis_url)
         await self._store.ping()
+        if self._tracing is None:
+            self._tracing = Tracing.from_env(self.name)
         if self._parking is None:
             from choreo.stores.redis import RedisIdempotencyStore, RedisParkingLot
 
@@ -369,6 +375,8 @@ class Service:
             await self._saga_statuses.close()
         if self._parking is not None:
             await self._parking.close()
+        if self._tracing is not None:
+            await self._tracing.close()
         for hook in self._on_stop:
             await hook()
         self._log.info("service %s stopped", self.name)
@@ -545,14 +553,18 @@ class Service:
                 await self._release([i for i in all_items if i.claim is ClaimResult.CLAIMED], store)
                 self._rewind_all(partitions)
                 return
+        spans = [span for item in all_items if item.spans for span in item.spans]
         try:
             await transport.send(outgoing)
         except TransportError as exc:
+            Tracing.end_all(spans, exc)
             self._log.error("publishing %d records failed: %s; the batch will be retried", len(outgoing), exc)
             await self._release([i for i in all_items if i.claim is ClaimResult.CLAIMED], store)
             self._rewind_all(partitions)
             return
 
+        if spans:
+            Tracing.end_all(spans)
         # A dead-lettered event is released, not done: a replay of it must run the handler again.
         done = [i.key for i in all_items if i.outcome == _OK]
         released = [i.key for i in all_items if i.claim is ClaimResult.CLAIMED and i.outcome != _OK]
@@ -651,6 +663,8 @@ class Service:
                         event_id=derive_event_id(env.event_id, f"{item.sub.name}/compensation-failed", 0),
                         correlation_id=env.correlation_id, causation_id=env.event_id, occurred_at=self._batch_time,
                     ))
+                    # It belongs to the saga's trace: carry the failed event's trace context on.
+                    out[-1].headers.extend((k, v) for k, v in rec.headers if k in ("traceparent", "tracestate"))
         return out
 
     def _retry_records(self, items: list[_Item]) -> list[OutgoingRecord]:
@@ -698,7 +712,8 @@ class Service:
 
     async def _run_partition(self, items: list[_Item]) -> None:
         wire = self._wire
-        assert wire is not None
+        tracing = self._tracing
+        assert wire is not None and tracing is not None
         # Keys whose earlier event in this batch went to a retry topic or was parked, with the time
         # that event is due: the key's later events here are parked behind it.
         held: dict[str, int] = {}
@@ -746,8 +761,13 @@ class Service:
                 allowed=item.sub.emits,
                 logger=self._log,
             )
+            span = self._consumer_span(item) if tracing.enabled else None
             try:
-                await item.sub.handler(item.event, ctx)
+                if span is None:
+                    await item.sub.handler(item.event, ctx)
+                else:
+                    with tracing.activate(span):
+                        await item.sub.handler(item.event, ctx)
                 item.out = [
                     wire.encode(
                         event,
@@ -759,6 +779,9 @@ class Service:
                     )
                     for index, (event, key) in enumerate(ctx.emitted)
                 ]
+                if span is not None:
+                    item.spans = tracing.producer_spans(item.out, span, [self._send_attributes(r, env) for r in item.out])
+                    span.end()
             except Exception as exc:  # the handler's failure is the event's, not the service's
                 item.error = exc
                 if breaker is not None:
@@ -774,6 +797,10 @@ class Service:
                 self.stats.failed += 1
                 if policy.gives_up(exc, attempts):
                     item.outcome = _DEAD  # dead-lettered by _process; the partition moves on
+                    if span is not None:
+                        origin = item.retry.origin[0] if item.retry is not None else item.record.topic
+                        Tracing.failed(span, exc, dead_letter_topic=dead_letter_topic(origin))
+                        span.end()
                     continue
                 self.stats.retried += 1
                 if isinstance(exc, RetryLater) and exc.delay_s is not None:
@@ -789,6 +816,9 @@ class Service:
                     " through a retry topic" if long_wait else "",
                     exc_info=not isinstance(exc, (ChoreoError, RetryLater)),
                 )
+                if span is not None:
+                    Tracing.failed(span, exc, retry_in_s=item.delay, via="retry topic" if long_wait else "in place")
+                    span.end()
                 if long_wait:
                     # The partition moves on; the key's later events wait behind this one.
                     item.outcome = _TO_RETRY
@@ -801,6 +831,44 @@ class Service:
             if breaker is not None:
                 breaker.success()
             item.outcome = _OK
+
+    def _consumer_span(self, item: _Item) -> Any:
+        assert self._tracing is not None
+        rec, env = item.record, item.envelope
+        prior = self._attempts.get((_tp(rec), rec.offset, item.sub.name))
+        attempts = prior[0] if prior is not None else item.retry.attempts if item.retry is not None else 0
+        attributes = {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": rec.topic,
+            "messaging.destination.partition.id": str(rec.partition),
+            "messaging.kafka.offset": rec.offset,
+            "messaging.message.id": env.event_id,
+            "messaging.consumer.group.name": self.group,
+            "choreo.saga.id": env.correlation_id,
+            "choreo.service": self.name,
+            "choreo.step": item.sub.name,
+            "choreo.event.type": env.event_type,
+            "choreo.attempt": attempts + 1,
+            "choreo.compensation": item.sub.compensation,
+        }
+        if rec.key is not None:
+            attributes["messaging.kafka.message.key"] = rec.key.decode(errors="replace")
+        replayed = any(k == "choreo-replayed-at" for k, _ in rec.headers)
+        return self._tracing.consumer_span(rec, attributes, replayed=replayed)
+
+    def _send_attributes(self, record: OutgoingRecord, env: Envelope) -> dict[str, Any]:
+        return {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "send",
+            "messaging.destination.name": record.topic,
+            "messaging.message.id": _header(record.headers, "choreo-event-id"),
+            "choreo.saga.id": env.correlation_id,
+            "choreo.service": self.name,
+            "choreo.event.type": _header(record.headers, "choreo-event-type"),
+        }
 
     # -- pausing and rewinding -----------------------------------------------------------------------------
 
@@ -836,6 +904,13 @@ class Service:
         if self._store is None:
             raise ConfigurationError(f"service {self.name} is not started")
         return self._store
+
+
+def _header(headers: list[tuple[str, bytes | None]], name: str) -> str:
+    for key, value in headers:
+        if key == name and value is not None:
+            return value.decode(errors="replace")
+    return ""
 
 
 def _tp(record: Record) -> TopicPartition:

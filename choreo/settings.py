@@ -72,6 +72,8 @@ class Settings(BaseModel):
     #: policy's ``in_process_max_s``; 0 waits every delay in place, pausing the partition.
     retry_tiers: int = Field(default=3, ge=0, le=9)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    #: Where ``choreo saga show`` links a saga's trace (Jaeger's UI).
+    jaeger_url: str = "http://127.0.0.1:16686"
 
     @field_validator("kafka_bootstrap")
     @classmethod

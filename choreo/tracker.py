@@ -22,6 +22,8 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
+from opentelemetry import trace
+
 from choreo.context import Context
 from choreo.errors import ConfigurationError
 from choreo.events import Event
@@ -92,6 +94,15 @@ class _Index:
                     found[step.id] = step
                     queue.extend(step.emits)
         return found
+
+
+def _span_context(traceparent: str | None) -> trace.SpanContext:
+    """The span context in a stored ``traceparent`` (invalid, so ignored, if there is none)."""
+    parts = (traceparent or "").split("-")
+    if len(parts) != 4:
+        return trace.INVALID_SPAN_CONTEXT
+    return trace.SpanContext(int(parts[1], 16), int(parts[2], 16), is_remote=True,
+                             trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))
 
 
 def _iso(ms: int) -> str:
@@ -268,10 +279,17 @@ class SagaTracker:
             return
         at_ms = int(env.occurred_at_datetime().timestamp() * 1000)
 
+        # The saga's trace (the handler runs inside this event's consumer span, when tracing is on).
+        span = trace.get_current_span().get_span_context()
+        traceparent = f"00-{span.trace_id:032x}-{span.span_id:016x}-01" if span.is_valid else None
+
         def change(state: SagaState | None) -> SagaState:
-            return fold(state, saga, self._index, saga_id=env.correlation_id, event_id=env.event_id,
-                        event_type=env.event_type, producer=env.producer, causation_id=env.causation_id,
-                        at_ms=at_ms, attempt=env.attempt)
+            new = fold(state, saga, self._index, saga_id=env.correlation_id, event_id=env.event_id,
+                       event_type=env.event_type, producer=env.producer, causation_id=env.causation_id,
+                       at_ms=at_ms, attempt=env.attempt)
+            if new is not state:
+                new["trace"] = (state or {}).get("trace") or traceparent
+            return new
 
         await self.store.update(env.correlation_id, change)
 
@@ -301,7 +319,10 @@ class SagaTracker:
             event = SagaTimedOut(saga_id=saga_id, saga=saga.name, status=state["status"],
                                  deadline=_iso(int(next_deadline(state, saga) or 0)))
             # A fixed id per saga: a tracker that publishes twice (a crash, two trackers) is deduplicated.
-            await publisher.publish(event, correlation_id=saga_id, event_id=derive_event_id(saga_id, "timeout", 0))
+            # Published inside the saga's trace, so its compensations appear there too.
+            with trace.use_span(trace.NonRecordingSpan(_span_context(state.get("trace")))):
+                await publisher.publish(event, correlation_id=saga_id,
+                                        event_id=derive_event_id(saga_id, "timeout", 0))
             await self.store.postpone(saga_id, now_ms + 30_000)  # until the fold sees the timeout
             log.warning("saga %s (%s) timed out in status %s", saga_id, saga.name, state["status"])
             count += 1

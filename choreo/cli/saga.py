@@ -79,7 +79,7 @@ async def _command(args: argparse.Namespace) -> int:
         if state is None:
             print(f"no saga {args.saga_id!r} under the Redis prefix {settings.redis_prefix!r}")
             return 1
-        _show(state)
+        _show(state, settings.jaeger_url)
         return 0
     finally:
         await store.close()
@@ -113,10 +113,15 @@ async def _verify(args: argparse.Namespace, store: Any) -> int:
     return 1 if bad else 0
 
 
-def _show(state: dict[str, Any]) -> None:
+def _show(state: dict[str, Any], jaeger_url: str) -> None:
     start = state["started_at"]
     print(f"saga {state['id']} ({state['saga']}): {state['status']}")
     print(f"  started {_time(start)}, ended {_time(state['ended_at'])}, deadline {_time(state['deadline_at'])}")
+    parts = (state.get("trace") or "").split("-")
+    if len(parts) == 4:
+        print(f"  trace {parts[1]}  {jaeger_url.rstrip('/')}/trace/{parts[1]}")
+    else:
+        print("  trace: none recorded (the tracker runs without OTEL_EXPORTER_OTLP_ENDPOINT)")
     print("steps:")
     steps = sorted(state["steps"].items(), key=lambda kv: (kv[1]["started_at"] is None, kv[1]["started_at"] or 0))
     for step_id, step in steps:
