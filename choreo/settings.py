@@ -23,7 +23,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -74,6 +74,11 @@ class Settings(BaseModel):
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
     #: Where ``choreo saga show`` links a saga's trace (Jaeger's UI).
     jaeger_url: str = "http://127.0.0.1:16686"
+    #: ``text`` (readable) or ``json`` (one object per line, for log pipelines).
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: Serve metrics for Prometheus on this port (``/metrics``); 0 serves none.
+    metrics_port: int = Field(default=0, ge=0, le=65_535)
 
     @field_validator("kafka_bootstrap")
     @classmethod
