@@ -53,6 +53,7 @@ from choreo.retry import (
 )
 from choreo.saga import STOPPED_STATUSES, CompensationFailed
 from choreo.settings import Settings
+from choreo.metrics import Metrics
 from choreo.tracing import Tracing
 from choreo.transport import OutgoingRecord, Record, TopicPartition, TopicSpec, Transport
 from choreo.wire import Wire, derive_event_id
@@ -62,6 +63,8 @@ log = logging.getLogger("choreo.service")
 H = TypeVar("H", bound=Handler)
 
 _OK, _SKIPPED, _FAILED, _BUSY, _NOT_RUN, _DEAD, _TO_RETRY, _PARKED = range(8)
+# Outcomes counted once their batch is committed (failed attempts and retries are counted as they happen).
+_OUTCOME_NAMES = {_OK: "ok", _SKIPPED: "skipped", _DEAD: "dead_lettered", _PARKED: "parked"}
 # Outcomes after which the offset may move on: a retried or parked event lives on in a retry topic.
 _FINISHED = (_OK, _SKIPPED, _DEAD, _TO_RETRY, _PARKED)
 
@@ -123,6 +126,7 @@ class Service:
         retry: RetryPolicy | None = None,
         parking: ParkingLot | None = None,
         tracing: Tracing | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if not name or not all(c.isalnum() or c in "_-." for c in name):
             raise ConfigurationError(f"service name {name!r} must be non-empty letters, digits, '_', '-', '.'")
@@ -133,6 +137,8 @@ class Service:
         self._store = idempotency
         self._parking = parking
         self._tracing = tracing
+        self._metrics = metrics
+        self._lag_at = 0.0
         self._subs: list[Subscription] = []
         self._by_type: dict[type[Event], list[Subscription]] = {}
         self._by_topic: dict[str, tuple[type[Event], list[Subscription]]] = {}
@@ -218,6 +224,11 @@ class Service:
 
         return register
 
+    @property
+    def metrics(self) -> Metrics:
+        """This service's metrics (``Metrics.off()`` before it starts or when none are configured)."""
+        return self._metrics or Metrics.off()
+
     def breaker_states(self) -> dict[str, str]:
         """The state of each handler's circuit breaker: closed, open or half-open."""
         return {name: b.state for name, b in sorted(self._breakers.items())}
@@ -299,6 +310,9 @@ class Service:
         await self._store.ping()
         if self._tracing is None:
             self._tracing = Tracing.from_env(self.name)
+        if self._metrics is None:
+            self._metrics = Metrics.from_settings(self.name, settings.metrics_port)
+        self._metrics.start()
         if self._parking is None:
             from choreo.stores.redis import RedisIdempotencyStore, RedisParkingLot
 
@@ -362,6 +376,19 @@ class Service:
         transport = self._require_transport()
         self._resume_due()
         records = await transport.fetch(self.settings.batch_size, timeout)
+        metrics = self._metrics
+        if metrics is not None and metrics.enabled:
+            now = time.monotonic()
+            if now - self._lag_at >= 1.0:
+                self._lag_at = now
+                metrics.set_lag(transport.lag())
+            if records:
+                metrics.set_in_flight(len(records))
+                try:
+                    await self._process(records)
+                finally:
+                    metrics.set_in_flight(0)
+            return len(records)
         if records:
             await self._process(records)
         return len(records)
@@ -377,6 +404,8 @@ class Service:
             await self._parking.close()
         if self._tracing is not None:
             await self._tracing.close()
+        if self._metrics is not None:
+            await asyncio.to_thread(self._metrics.close)
         for hook in self._on_stop:
             await hook()
         self._log.info("service %s stopped", self.name)
@@ -609,9 +638,22 @@ class Service:
                 if item.outcome in _FINISHED:
                     self._attempts.pop((_tp(item.record), item.record.offset, item.sub.name), None)
         transport.commit(commits)
+        if self._metrics is not None and self._metrics.enabled:
+            self._count_outcomes(all_items)
         self.stats.processed += sum(1 for i in all_items if i.outcome == _OK)
         self.stats.skipped_duplicates += sum(1 for i in all_items if i.outcome == _SKIPPED)
         self.stats.emitted += len(outgoing) - len(dead) - len(retries)
+
+    def _count_outcomes(self, items: list[_Item]) -> None:
+        assert self._metrics is not None
+        counts: dict[tuple[str, str, str], int] = {}
+        for item in items:
+            outcome = _OUTCOME_NAMES.get(item.outcome)
+            if outcome is not None:
+                key = (item.sub.name, item.envelope.event_type, outcome)
+                counts[key] = counts.get(key, 0) + 1
+        for (handler, event_type, outcome), n in counts.items():
+            self._metrics.counted(handler, event_type, outcome, n)
 
     def _dead_letters(
         self,
@@ -637,6 +679,8 @@ class Service:
                 )
                 out.append(dead_letter(original, failure, service=self.name))
                 self.stats.dead_lettered.append((record.topic, record.partition, record.offset, exc.reason))
+                if self._metrics is not None and self._metrics.enabled:
+                    self._metrics.counted("", "undecodable", "dead_lettered")
         # A dead item always has a recorded attempt: without any, the per-item walk is skipped.
         for items in partitions.values() if self._attempts else ():
             for item in items:
@@ -762,6 +806,11 @@ class Service:
                 logger=self._log,
             )
             span = self._consumer_span(item) if tracing.enabled else None
+            metrics = self._metrics if self._metrics is not None and self._metrics.enabled else None
+            if metrics is not None:
+                started = time.perf_counter()
+                metrics.waited(item.sub.name, env.event_type,
+                               time.time() - env.occurred_at_datetime().timestamp())
             try:
                 if span is None:
                     await item.sub.handler(item.event, ctx)
@@ -782,6 +831,8 @@ class Service:
                 if span is not None:
                     item.spans = tracing.producer_spans(item.out, span, [self._send_attributes(r, env) for r in item.out])
                     span.end()
+                if metrics is not None:
+                    metrics.handled(item.sub.name, env.event_type, "ok", time.perf_counter() - started)
             except Exception as exc:  # the handler's failure is the event's, not the service's
                 item.error = exc
                 if breaker is not None:
@@ -795,7 +846,12 @@ class Service:
                 self._attempts[key] = (attempts, since or utc_now_iso())
                 policy = item.sub.retry or self.retry
                 self.stats.failed += 1
-                if policy.gives_up(exc, attempts):
+                gives_up = policy.gives_up(exc, attempts)
+                if metrics is not None:
+                    metrics.handled(item.sub.name, env.event_type, "dead_lettered" if gives_up else "failed",
+                                    time.perf_counter() - started)
+                    metrics.counted(item.sub.name, env.event_type, "failed")
+                if gives_up:
                     item.outcome = _DEAD  # dead-lettered by _process; the partition moves on
                     if span is not None:
                         origin = item.retry.origin[0] if item.retry is not None else item.record.topic
@@ -803,6 +859,8 @@ class Service:
                         span.end()
                     continue
                 self.stats.retried += 1
+                if metrics is not None:
+                    metrics.counted(item.sub.name, env.event_type, "retried")
                 if isinstance(exc, RetryLater) and exc.delay_s is not None:
                     item.delay = exc.delay_s
                 else:

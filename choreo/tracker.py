@@ -283,7 +283,10 @@ class SagaTracker:
         span = trace.get_current_span().get_span_context()
         traceparent = f"00-{span.trace_id:032x}-{span.span_id:016x}-01" if span.is_valid else None
 
+        ended_before: list[bool] = []
+
         def change(state: SagaState | None) -> SagaState:
+            ended_before[:] = [state is not None and state.get("ended_at") is not None]
             new = fold(state, saga, self._index, saga_id=env.correlation_id, event_id=env.event_id,
                        event_type=env.event_type, producer=env.producer, causation_id=env.causation_id,
                        at_ms=at_ms, attempt=env.attempt)
@@ -291,7 +294,10 @@ class SagaTracker:
                 new["trace"] = (state or {}).get("trace") or traceparent
             return new
 
-        await self.store.update(env.correlation_id, change)
+        new = await self.store.update(env.correlation_id, change)
+        metrics = self.service.metrics
+        if metrics.enabled and new is not None and new.get("ended_at") is not None and ended_before == [False]:
+            metrics.saga_ended(saga.name, new["status"], (new["ended_at"] - new["started_at"]) / 1000)
 
     async def _check_deadlines(self) -> None:
         from choreo.publisher import Publisher
@@ -302,6 +308,9 @@ class SagaTracker:
                 await asyncio.sleep(self._interval)
                 try:
                     await self.check_deadlines(publisher)
+                    counts = getattr(self.store, "counts", None)
+                    if counts is not None and self.service.metrics.enabled:
+                        self.service.metrics.set_sagas(*await counts(int(time.time() * 1000)))
                 except Exception:  # a Redis or broker outage must not kill the timer; it retries
                     log.exception("checking saga deadlines failed; retrying in %.1f s", self._interval)
         finally:

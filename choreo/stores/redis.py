@@ -245,6 +245,10 @@ class RedisSagaStore:
                     pipe.set(key, json.dumps(new, separators=(",", ":")))
                     pipe.set(self.status_key(saga_id), new["status"])
                     pipe.zadd(f"{self._prefix}sagas", {saga_id: new["started_at"]})
+                    if new.get("ended_at") is None:
+                        pipe.zadd(f"{self._prefix}sagas-running", {saga_id: new["started_at"]})
+                    else:
+                        pipe.zrem(f"{self._prefix}sagas-running", saga_id)
                     if new.get("next_deadline") is None:
                         pipe.zrem(f"{self._prefix}saga-deadlines", saga_id)
                     else:
@@ -267,6 +271,14 @@ class RedisSagaStore:
             return []
         values = await self._redis.mget([self.status_key(i) for i in saga_ids])
         return [_text(v) if v else None for v in values]
+
+    async def counts(self, now_ms: int) -> tuple[int, int]:
+        """(sagas not ended, sagas past their next deadline), for the metrics."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(f"{self._prefix}sagas-running")
+            pipe.zcount(f"{self._prefix}saga-deadlines", "-inf", now_ms)
+            running, overdue = await pipe.execute()
+        return int(running), int(overdue)
 
     async def due(self, now_ms: int, limit: int) -> list[str]:
         ids = await self._redis.zrangebyscore(f"{self._prefix}saga-deadlines", "-inf", now_ms, start=0, num=limit)

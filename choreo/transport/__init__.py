@@ -105,6 +105,10 @@ class Transport(Protocol):
 
     def assignment(self) -> list[TopicPartition]: ...
 
+    def lag(self) -> dict[TopicPartition, int]:
+        """Records not yet consumed per assigned partition (high watermark minus position), from what
+        the client last saw; no broker round trip."""
+
     async def register_schema(self, schema: AvroSchema) -> None:
         """Publish ``schema`` to the schema topic (once per process); returns after the broker's ack."""
 

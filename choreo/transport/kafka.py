@@ -263,6 +263,24 @@ class KafkaTransport:
             return []
         return [(p.topic, p.partition) for p in self._consumer.assignment()]
 
+    def lag(self) -> dict[TopicPartition, int]:
+        if self._consumer is None:
+            return {}
+        out: dict[TopicPartition, int] = {}
+        try:
+            positions = self._consumer.position(self._consumer.assignment())
+        except KafkaException:
+            return out
+        for tp in positions:
+            try:
+                # The watermark the last fetch response carried: no request to the broker.
+                low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            except KafkaException:
+                continue
+            if high >= 0:
+                out[(tp.topic, tp.partition)] = max(0, high - (tp.offset if tp.offset >= 0 else max(low, 0)))
+        return out
+
     def _require_consumer(self) -> Consumer:
         if self._consumer is None:
             raise TransportError("the transport is not subscribed")

@@ -220,6 +220,10 @@ class MemoryTransport:
     def assignment(self) -> list[TopicPartition]:
         return list(self._assigned)
 
+    def lag(self) -> dict[TopicPartition, int]:
+        return {tp: max(0, len(self.broker.topics[tp[0]][tp[1]]) - self._positions.get(tp, 0))
+                for tp in self._assigned}
+
     async def close(self) -> None:
         if self._closed:
             return
