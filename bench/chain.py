@@ -6,6 +6,12 @@ Preloads N ``OrderPlaced`` events, then starts ``inventory`` and ``payment`` as 
 (``choreo run``) and measures from the first order reserved until the last order is charged, so the
 consumer-group joins are excluded. Every order crosses two services, so the chain
 handles 2 x N events; both figures are printed.
+
+``--observed`` runs the chain alternately without and with observability (tracing exported over
+OTLP/HTTP to a sink in this process, and metrics served on a port), ``--rounds`` times each, and
+prints both medians and their ratio:
+
+    .venv/bin/python -m bench.chain --orders 20000 --observed --rounds 2
 """
 
 from __future__ import annotations
@@ -14,10 +20,14 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
+import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -26,7 +36,27 @@ from choreo import Publisher, Settings
 from services.events import OrderPlaced
 
 
-async def measure(settings: Settings, orders: int, log_dir: Path) -> dict[str, float]:
+class _OtlpSink(BaseHTTPRequestHandler):
+    """Accepts OTLP/HTTP exports and drops them: the cost measured is the services', not a backend's."""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def measure(settings: Settings, orders: int, log_dir: Path,
+                  observed: dict[str, str] | None = None) -> dict[str, float]:
     r = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
     events = [OrderPlaced(order_id=f"o{i:07d}", customer_id=f"c{i % 1000}", sku="gadget", quantity=1,
                           amount_cents=1000 + i) for i in range(orders)]
@@ -36,7 +66,9 @@ async def measure(settings: Settings, orders: int, log_dir: Path) -> dict[str, f
     env = dict(os.environ, CHOREO_KAFKA=settings.kafka_bootstrap, CHOREO_REDIS=settings.redis_url,
                CHOREO_REDIS_PREFIX=settings.redis_prefix, CHOREO_TOPIC_PREFIX=settings.topic_prefix)
     procs = [
-        subprocess.Popen([sys.executable, "-m", "choreo.cli", "--log-level", "WARNING", "run", target], env=env,
+        subprocess.Popen([sys.executable, "-m", "choreo.cli", "--log-level", "WARNING", "run", target],
+                         env={**env, **(observed or {}), **({"CHOREO_METRICS_PORT": str(_free_port())} if observed
+                                                            else {})},
                          stdout=open(log_dir / f"{target.split(':')[0]}.log", "w"), stderr=subprocess.STDOUT)
         for target in ("services.inventory:service", "services.payment:service")
     ]
@@ -64,11 +96,15 @@ async def measure(settings: Settings, orders: int, log_dir: Path) -> dict[str, f
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, default=20_000)
+    parser.add_argument("--observed", action="store_true", help="compare with tracing and metrics on")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of each variant with --observed")
     args = parser.parse_args()
     log_dir = Path("bench/out")
     log_dir.mkdir(parents=True, exist_ok=True)
     from choreo.devstack import start_dev_stack
 
+    if args.observed:
+        return _compare(args.orders, args.rounds, log_dir)
     with start_dev_stack() as stack:
         run = uuid.uuid4().hex[:6]
         settings = Settings(kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
@@ -77,6 +113,32 @@ def main() -> int:
     print(f"two-service chain, {result['orders']:.0f} orders in {result['seconds']:.2f} s: "
           f"{result['orders_per_s']:.0f} orders/s end to end = {result['events_per_s']:.0f} events/s handled "
           "(2 services, each one consume + Redis claim/done + emit per event)")
+    return 0
+
+
+def _compare(orders: int, rounds: int, log_dir: Path) -> int:
+    from choreo.devstack import start_dev_stack
+
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), _OtlpSink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    observed = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+    figures: dict[str, list[float]] = {"off": [], "observed": []}
+    with start_dev_stack() as stack:
+        for _ in range(rounds):
+            for variant in ("off", "observed"):  # interleaved: a noisy machine affects both alike
+                run = uuid.uuid4().hex[:6]
+                settings = Settings(kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
+                                    topic_prefix=f"b{run}.", redis_prefix=f"b{run}:")
+                result = asyncio.run(measure(settings, orders, log_dir, observed if variant == "observed" else None))
+                figures[variant].append(result["events_per_s"])
+                print(f"  {variant:9} {result['events_per_s']:8.0f} events/s", flush=True)
+    sink.shutdown()
+    off, on = statistics.median(figures["off"]), statistics.median(figures["observed"])
+    print(f"two-service chain, {orders} orders, {rounds} round(s) each, median events/s handled:")
+    print(f"  observability off  {off:8.0f}  (min {min(figures['off']):.0f}, max {max(figures['off']):.0f})")
+    print(f"  tracing + metrics  {on:8.0f}  (min {min(figures['observed']):.0f}, max {max(figures['observed']):.0f})"
+          f"  = {on / off:.2f} x off")
     return 0
 
 

@@ -44,7 +44,7 @@ def test_every_variable_is_one_the_code_reads(name: str) -> None:
     checkout = {k for k in env if k.startswith("CHECKOUT_")}
     assert checkout <= {f"CHECKOUT_{f.upper()}" for f in CheckoutConfig.model_fields} | {"CHECKOUT_SAGA_DEADLINE_S"}
     assert {k for k in env if not k.startswith(("CHOREO_", "CHECKOUT_"))} <= {
-        "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME"
+        "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_SERVICE_NAME"
     }
     assert env["OTEL_SERVICE_NAME"] == name
 
