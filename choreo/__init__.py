@@ -19,6 +19,7 @@ from choreo.errors import (
 )
 from choreo.events import Envelope, Event, Header
 from choreo.graph import FlowGraph, Problem, Step
+from choreo.logs import configure_logging, event_context
 from choreo.publisher import BlockingPublisher, Publisher
 from choreo.routing import Subscription
 from choreo.deadletter import DLQHeader, Failure
@@ -61,4 +62,6 @@ __all__ = [
     "Step",
     "Subscription",
     "TransportError",
+    "configure_logging",
+    "event_context",
 ]

@@ -53,8 +53,9 @@ from choreo.retry import (
 )
 from choreo.saga import STOPPED_STATUSES, CompensationFailed
 from choreo.settings import Settings
+from choreo.logs import event_context
 from choreo.metrics import Metrics
-from choreo.tracing import Tracing
+from choreo.tracing import Tracing, trace_id_of
 from choreo.transport import OutgoingRecord, Record, TopicPartition, TopicSpec, Transport
 from choreo.wire import Wire, derive_event_id
 
@@ -691,11 +692,13 @@ class Service:
                 failure = Failure.from_exception("handler-error", item.error, handler=item.sub.name,
                                                  attempts=attempts, first_failure=since)
                 rec = _origin(item.record, item.retry)
-                self._log.error(
-                    "handler %s gave up on %s [%d] offset %d (event %s) after %d attempt(s): %s: %s; sent to %s",
-                    item.sub.name, rec.topic, rec.partition, rec.offset, item.envelope.event_id, attempts,
-                    failure.error_type, failure.error, dead_letter_topic(rec.topic),
-                )
+                with event_context(service=self.name, handler=item.sub.name, event_id=item.envelope.event_id,
+                                   saga_id=item.envelope.correlation_id, trace_id=trace_id_of(rec.headers)):
+                    self._log.error(
+                        "handler %s gave up on %s [%d] offset %d (event %s) after %d attempt(s): %s: %s; sent to %s",
+                        item.sub.name, rec.topic, rec.partition, rec.offset, item.envelope.event_id, attempts,
+                        failure.error_type, failure.error, dead_letter_topic(rec.topic),
+                    )
                 out.append(dead_letter(rec, failure, service=self.name))
                 self.stats.dead_lettered.append((rec.topic, rec.partition, rec.offset, "handler-error"))
                 if item.sub.compensation:
@@ -811,81 +814,86 @@ class Service:
                 started = time.perf_counter()
                 metrics.waited(item.sub.name, env.event_type,
                                time.time() - env.occurred_at_datetime().timestamp())
-            try:
-                if span is None:
-                    await item.sub.handler(item.event, ctx)
-                else:
-                    with tracing.activate(span):
+            trace_id = f"{span.get_span_context().trace_id:032x}" if span is not None else None
+            # Every log line about this event, the handler's own included, names it.
+            with event_context(service=self.name, handler=item.sub.name, event_id=env.event_id,
+                               saga_id=env.correlation_id, trace_id=trace_id):
+                try:
+                    if span is None:
                         await item.sub.handler(item.event, ctx)
-                item.out = [
-                    wire.encode(
-                        event,
-                        event_id=derive_event_id(env.event_id, item.sub.name, index),
-                        correlation_id=env.correlation_id,
-                        causation_id=env.event_id,
-                        key=key,
-                        occurred_at=self._batch_time,
-                    )
-                    for index, (event, key) in enumerate(ctx.emitted)
-                ]
-                if span is not None:
-                    item.spans = tracing.producer_spans(item.out, span, [self._send_attributes(r, env) for r in item.out])
-                    span.end()
-                if metrics is not None:
-                    metrics.handled(item.sub.name, env.event_type, "ok", time.perf_counter() - started)
-            except Exception as exc:  # the handler's failure is the event's, not the service's
-                item.error = exc
-                if breaker is not None:
-                    # A handler that chose to dead-letter (or has a bug) reached its dependency fine.
-                    breaker.success() if isinstance(exc, (DeadLetterNow, EmitError)) else breaker.failure()
-                key = (_tp(item.record), item.record.offset, item.sub.name)
-                prior = item.retry
-                attempts, since = self._attempts.get(key) or (
-                    (prior.attempts, prior.first_failure) if prior is not None else (0, ""))
-                attempts += 1
-                self._attempts[key] = (attempts, since or utc_now_iso())
-                policy = item.sub.retry or self.retry
-                self.stats.failed += 1
-                gives_up = policy.gives_up(exc, attempts)
-                if metrics is not None:
-                    metrics.handled(item.sub.name, env.event_type, "dead_lettered" if gives_up else "failed",
-                                    time.perf_counter() - started)
-                    metrics.counted(item.sub.name, env.event_type, "failed")
-                if gives_up:
-                    item.outcome = _DEAD  # dead-lettered by _process; the partition moves on
+                    else:
+                        with tracing.activate(span):
+                            await item.sub.handler(item.event, ctx)
+                    item.out = [
+                        wire.encode(
+                            event,
+                            event_id=derive_event_id(env.event_id, item.sub.name, index),
+                            correlation_id=env.correlation_id,
+                            causation_id=env.event_id,
+                            key=key,
+                            occurred_at=self._batch_time,
+                        )
+                        for index, (event, key) in enumerate(ctx.emitted)
+                    ]
                     if span is not None:
-                        origin = item.retry.origin[0] if item.retry is not None else item.record.topic
-                        Tracing.failed(span, exc, dead_letter_topic=dead_letter_topic(origin))
+                        item.spans = tracing.producer_spans(item.out, span,
+                                                            [self._send_attributes(r, env) for r in item.out])
                         span.end()
-                    continue
-                self.stats.retried += 1
-                if metrics is not None:
-                    metrics.counted(item.sub.name, env.event_type, "retried")
-                if isinstance(exc, RetryLater) and exc.delay_s is not None:
-                    item.delay = exc.delay_s
-                else:
-                    item.delay = policy.delay(attempts)
-                long_wait = item.delay > policy.in_process_max_s and bool(self._retry_sources)
-                self._log.warning(
-                    "handler %s failed on %s [%d] offset %d (event %s), attempt %d of %d: %s: %s; next attempt "
-                    "in %.2f s%s",
-                    item.sub.name, item.record.topic, item.record.partition, item.record.offset,
-                    env.event_id, attempts, policy.max_attempts, type(exc).__name__, exc, item.delay,
-                    " through a retry topic" if long_wait else "",
-                    exc_info=not isinstance(exc, (ChoreoError, RetryLater)),
-                )
-                if span is not None:
-                    Tracing.failed(span, exc, retry_in_s=item.delay, via="retry topic" if long_wait else "in place")
-                    span.end()
-                if long_wait:
-                    # The partition moves on; the key's later events wait behind this one.
-                    item.outcome = _TO_RETRY
-                    item.due_ms = self._batch_ms + int(item.delay * 1000)
-                    if pk is not None:
-                        held[pk] = item.due_ms
-                    continue
-                item.outcome = _FAILED
-                return
+                    if metrics is not None:
+                        metrics.handled(item.sub.name, env.event_type, "ok", time.perf_counter() - started)
+                except Exception as exc:  # the handler's failure is the event's, not the service's
+                    item.error = exc
+                    if breaker is not None:
+                        # A handler that chose to dead-letter (or has a bug) reached its dependency fine.
+                        breaker.success() if isinstance(exc, (DeadLetterNow, EmitError)) else breaker.failure()
+                    key = (_tp(item.record), item.record.offset, item.sub.name)
+                    prior = item.retry
+                    attempts, since = self._attempts.get(key) or (
+                        (prior.attempts, prior.first_failure) if prior is not None else (0, ""))
+                    attempts += 1
+                    self._attempts[key] = (attempts, since or utc_now_iso())
+                    policy = item.sub.retry or self.retry
+                    self.stats.failed += 1
+                    gives_up = policy.gives_up(exc, attempts)
+                    if metrics is not None:
+                        metrics.handled(item.sub.name, env.event_type, "dead_lettered" if gives_up else "failed",
+                                        time.perf_counter() - started)
+                        metrics.counted(item.sub.name, env.event_type, "failed")
+                    if gives_up:
+                        item.outcome = _DEAD  # dead-lettered by _process; the partition moves on
+                        if span is not None:
+                            origin = item.retry.origin[0] if item.retry is not None else item.record.topic
+                            Tracing.failed(span, exc, dead_letter_topic=dead_letter_topic(origin))
+                            span.end()
+                        continue
+                    self.stats.retried += 1
+                    if metrics is not None:
+                        metrics.counted(item.sub.name, env.event_type, "retried")
+                    if isinstance(exc, RetryLater) and exc.delay_s is not None:
+                        item.delay = exc.delay_s
+                    else:
+                        item.delay = policy.delay(attempts)
+                    long_wait = item.delay > policy.in_process_max_s and bool(self._retry_sources)
+                    self._log.warning(
+                        "handler %s failed on %s [%d] offset %d (event %s), attempt %d of %d: %s: %s; next attempt "
+                        "in %.2f s%s",
+                        item.sub.name, item.record.topic, item.record.partition, item.record.offset,
+                        env.event_id, attempts, policy.max_attempts, type(exc).__name__, exc, item.delay,
+                        " through a retry topic" if long_wait else "",
+                        exc_info=not isinstance(exc, (ChoreoError, RetryLater)),
+                    )
+                    if span is not None:
+                        Tracing.failed(span, exc, retry_in_s=item.delay, via="retry topic" if long_wait else "in place")
+                        span.end()
+                    if long_wait:
+                        # The partition moves on; the key's later events wait behind this one.
+                        item.outcome = _TO_RETRY
+                        item.due_ms = self._batch_ms + int(item.delay * 1000)
+                        if pk is not None:
+                            held[pk] = item.due_ms
+                        continue
+                    item.outcome = _FAILED
+                    return
             if breaker is not None:
                 breaker.success()
             item.outcome = _OK

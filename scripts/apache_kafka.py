@@ -252,6 +252,13 @@ def is_our_broker(pid: int, state_dir: Path) -> bool:
     return BROKER_MAIN in args and str(state_dir / "server.properties") in args
 
 
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def read_pid(state_dir: Path) -> int | None:
     try:
         return int((state_dir / "broker.pid").read_text().strip())
@@ -450,6 +457,11 @@ def start(state_dir: Path, version: str, replace_leftover: bool = False) -> str:
     if pid is not None and pid_alive(pid) and is_our_broker(pid, state_dir):
         if not replace_leftover:
             raise Fatal(f"a broker from {state_dir} is already running (pid {pid}); stop it first")
+        runner = _read_int(state_dir / "runner.pid")
+        if runner is not None and runner != os.getpid() and pid_alive(runner):
+            # Not a leftover: another `run` is using it right now. Stopping it would fail that run.
+            raise Fatal(f"another run (pid {runner}) is using the broker in {state_dir}; "
+                        "give this run its own --state-dir (KAFKA_STATE=...)")
         log(f"stopping a broker left over from an earlier run (pid {pid})")
         stop(state_dir)
     timeout = float(os.environ.get("CHOREO_KAFKA_START_TIMEOUT") or 90)
@@ -512,6 +524,7 @@ def run(state_dir: Path, version: str, command: list[str]) -> int:
     try:
         try:
             bootstrap = start(state_dir, version, replace_leftover=True)
+            (state_dir / "runner.pid").write_text(f"{os.getpid()}\n")
         except KeyboardInterrupt:
             raise Fatal("interrupted while starting the broker") from None
         env = dict(os.environ, CHOREO_KAFKA=bootstrap, CHOREO_BROKER="kafka")

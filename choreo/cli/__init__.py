@@ -12,18 +12,23 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
 from choreo.errors import ChoreoError
+from choreo.logs import configure_logging
+from choreo.settings import Settings
+
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def _parser() -> argparse.ArgumentParser:
     from choreo.cli import dev, dlq, graph, publish, run, saga, schema
 
     parser = argparse.ArgumentParser(prog="choreo", description="Event-driven choreography over Kafka.")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument("--log-level", type=str.upper, choices=_LEVELS, default=None, metavar="LEVEL",
+                        help="DEBUG, INFO, WARNING or ERROR (default: CHOREO_LOG_LEVEL, else INFO); "
+                             "CHOREO_LOG_FORMAT=json logs one JSON object per line")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (run, publish, dev, schema, graph, saga, dlq):
         module.register(commands)
@@ -33,11 +38,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
+        configure_logging(Settings.from_env(), level=args.log_level)
         return int(args.func(args))
     except ChoreoError as exc:
         print(f"choreo: error: {exc}", file=sys.stderr)

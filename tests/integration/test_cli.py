@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,19 @@ async def test_publish_sends_one_validated_event(settings: Settings) -> None:
     assert "published checkout.OrderPlaced evt-cli-1" in result.stdout
     async with Sink(settings, OrderPlaced) as sink:
         assert await sink.wait_for(1, 30) == {"cli-1": 1}
+
+
+def test_log_format_json_makes_every_log_line_a_json_object() -> None:
+    # Nothing listens on port 1: the service logs that it stopped, then the CLI reports the error.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHOREO_")}
+    env.update(CHOREO_KAFKA="127.0.0.1:1", CHOREO_REDIS="redis://127.0.0.1:1/0", CHOREO_LOG_FORMAT="json",
+               CHOREO_LOG_LEVEL="ERROR")
+    result = choreo("--log-level", "info", "run", "services.inventory:service", env=env)
+    assert result.returncode == 1
+    *lines, error = result.stderr.splitlines()
+    assert error.startswith("choreo: error: cannot reach")  # errors stay plain text
+    records = [json.loads(line) for line in lines]
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    # --log-level INFO wins over CHOREO_LOG_LEVEL=ERROR
+    assert {"level": "INFO", "logger": "choreo.service.inventory", "message": "service inventory stopped"}.items() \
+        <= records[-1].items()

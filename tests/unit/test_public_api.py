@@ -24,7 +24,7 @@ USER_FACING = ("choreo.context", "choreo.errors", "choreo.events", "choreo.publi
 #: Core modules: no broker or Redis client at import time (the adapters import those).
 CORE = ("choreo", "choreo.errors", "choreo.events", "choreo.schemas", "choreo.wire", "choreo.routing",
         "choreo.context", "choreo.idempotency", "choreo.settings", "choreo.service", "choreo.publisher",
-        "choreo.transport", "choreo.transport.memory", "choreo.stores.memory")
+        "choreo.transport", "choreo.transport.memory", "choreo.stores.memory", "choreo.logs")
 CLIENT_LIBRARIES = ("confluent_kafka", "redis")
 
 
@@ -52,7 +52,8 @@ def test_every_exported_object_is_defined_in_choreo() -> None:
 
 @pytest.mark.parametrize("name", ["Service", "Event", "Publisher",
                                   "BlockingPublisher", "Settings", "Context", "Envelope", "Header",
-                                  "Subscription", "ServiceStats"])
+                                  "Subscription", "ServiceStats", "configure_logging",
+                                  "event_context"])
 def test_the_names_users_need_are_exported(name: str) -> None:
     assert name in choreo.__all__
 
@@ -78,9 +79,11 @@ def test_the_package_binds_nothing_public_beyond_all() -> None:
     assert bound == set(choreo.__all__)
 
 
-def test_every_exported_class_has_its_own_docstring() -> None:
+def test_every_exported_class_and_function_has_its_own_docstring() -> None:
     for name in choreo.__all__:
-        assert vars(getattr(choreo, name)).get("__doc__"), name
+        obj = getattr(choreo, name)
+        # A class's own docstring, not one inherited; a function's is its __doc__.
+        assert (vars(obj).get("__doc__") if inspect.isclass(obj) else obj.__doc__), name
 
 
 # --- layering ------------------------------------------------------------------------------------
