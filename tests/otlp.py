@@ -93,3 +93,34 @@ class OtlpReceiver:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class GrpcOtlpReceiver(OtlpReceiver):
+    """The same, over OTLP/gRPC: ``endpoint`` for ``OTEL_EXPORTER_OTLP_ENDPOINT`` with protocol grpc."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+        self.spans = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request: ExportTraceServiceRequest, context: Any) -> ExportTraceServiceResponse:  # noqa: N802
+                receiver._add(request)
+                return ExportTraceServiceResponse()
+
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self._grpc)
+        port = self._grpc.add_insecure_port("127.0.0.1:0")
+        self.endpoint = f"http://127.0.0.1:{port}"
+
+    def __enter__(self) -> GrpcOtlpReceiver:
+        self._grpc.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._grpc.stop(grace=None)

@@ -163,3 +163,22 @@ def test_an_unknown_otlp_protocol_fails_at_start_naming_the_variable() -> None:
 
     with pytest.raises(ConfigurationError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
         Tracing.from_env("x", env={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x", "OTEL_EXPORTER_OTLP_PROTOCOL": "thrift"})
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+async def test_spans_reach_an_otlp_receiver_over_either_protocol(protocol: str) -> None:
+    from tests.otlp import GrpcOtlpReceiver, OtlpReceiver
+
+    with (GrpcOtlpReceiver() if protocol == "grpc" else OtlpReceiver()) as receiver:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol}
+        broker = MemoryBroker()
+        config = Settings(topic_prefix=PREFIX, topic_partitions=1)
+        with pytest.MonkeyPatch.context() as patch:  # the exporters read the endpoint from the environment
+            for name, value in env.items():
+                patch.setenv(name, value)
+            tracing = Tracing.from_env("web", env=env)
+        assert tracing.enabled
+        async with Publisher("web", settings=config, transport=MemoryTransport(broker), tracing=tracing) as pub:
+            await pub.publish(OrderPlaced(order_id="o1", quantity=1), correlation_id="saga-1")
+        [span] = receiver.snapshot()  # closing the publisher flushed it
+        assert (span.name, span.service, span.attributes["choreo.saga.id"]) == (f"send {ORDERS}", "web", "saga-1")
