@@ -3,7 +3,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-KAFKA_STATE ?= $(or $(TMPDIR),/tmp)/choreo-kafka-$(shell id -u)
+# One state directory per user and checkout: two checkouts' test runs never share (or stop) a broker.
+CHECKOUT_ID := $(shell id -u)-$(shell printf %s "$(CURDIR)" | cksum | cut -d' ' -f1)
+KAFKA_STATE ?= $(or $(TMPDIR),/tmp)/choreo-kafka-$(CHECKOUT_ID)
+JAEGER_STATE ?= $(or $(TMPDIR),/tmp)/choreo-jaeger-$(CHECKOUT_ID)
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-unit test-kafka dev bench-chain bench-saga clean
@@ -28,9 +31,11 @@ test: install
 test-unit: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-## The integration and conformance suites against a real single-node KRaft Apache Kafka 4.x.
+## The integration and conformance suites against a real single-node KRaft Apache Kafka 4.x, with a
+## real Jaeger v2 receiving the services' traces (built with Go on first use; test_jaeger.py reads them).
 test-kafka: install
-	$(PY) scripts/apache_kafka.py run --state-dir $(KAFKA_STATE) -- \
+	$(PY) scripts/jaeger.py run --state-dir $(JAEGER_STATE) -- \
+		$(PY) scripts/apache_kafka.py run --state-dir $(KAFKA_STATE) -- \
 		$(PY) -m pytest tests/integration tests/conformance $(PYTEST_ARGS)
 
 ## Throughput of the two-service chain on the embedded stack.
