@@ -143,8 +143,12 @@ class Metrics:
         self._events.add(n, self._labels(handler, event_type, outcome))
 
     def waited(self, handler: str, event_type: str, seconds: float) -> None:
-        self._wait.record(max(0.0, seconds), {"service": self.service, "handler": handler, "event_type": event_type,
-                                              "edge": f"{event_type} -> {self.service}.{handler}"})
+        key = (handler, event_type, "")
+        attrs = self._attrs.get(key)
+        if attrs is None:
+            attrs = self._attrs[key] = {"service": self.service, "handler": handler, "event_type": event_type,
+                                        "edge": f"{event_type} -> {self.service}.{handler}"}
+        self._wait.record(max(0.0, seconds), attrs)
 
     def set_lag(self, lag: Mapping[TopicPartition, int]) -> None:
         self._lag = dict(lag)

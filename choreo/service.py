@@ -334,7 +334,9 @@ class Service:
         internal = {settings.topic_prefix + CompensationFailed.topic()} if compensates else set()
         names = {*self.consumed_topics(), *self.emitted_topics(), *internal, *self.retry_topics(),
                  *(dead_letter_topic(t) for t in self.consumed_topics())}
-        specs = [TopicSpec(t, settings.topic_partitions, settings.topic_replication) for t in sorted(names)]
+        retries = set(self.retry_topics())
+        specs = [TopicSpec(t, settings.retry_topic_partitions if t in retries else settings.topic_partitions,
+                           settings.topic_replication) for t in sorted(names)]
         await self._transport.ensure_topics(specs, create=settings.create_topics)
         types = {s.event_type for s in self._subs} | {t for s in self._subs for t in s.emits}
         self._breakers = {

@@ -71,6 +71,9 @@ class Settings(BaseModel):
     #: Retry topics per consumed topic (``<topic>.retry.1`` ...) for retry delays longer than a
     #: policy's ``in_process_max_s``; 0 waits every delay in place, pausing the partition.
     retry_tiers: int = Field(default=3, ge=0, le=9)
+    #: Partitions of each retry topic. Retries are a trickle next to the main traffic, and every
+    #: partition a consumer is assigned costs fetch work on the client and the broker.
+    retry_topic_partitions: int = Field(default=1, ge=1, le=100_000)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
     #: Where ``choreo saga show`` links a saga's trace (Jaeger's UI).
     jaeger_url: str = "http://127.0.0.1:16686"
