@@ -123,22 +123,24 @@ def _compare(orders: int, rounds: int, log_dir: Path) -> int:
     threading.Thread(target=sink.serve_forever, daemon=True).start()
     observed = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
                 "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
-    figures: dict[str, list[float]] = {"off": [], "observed": []}
+    sampled = {**observed, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+    variants = {"observability off": None, "tracing + metrics": observed, "same, 10% of sagas traced": sampled}
+    figures: dict[str, list[float]] = {name: [] for name in variants}
     with start_dev_stack() as stack:
         for _ in range(rounds):
-            for variant in ("off", "observed"):  # interleaved: a noisy machine affects both alike
+            for name, env in variants.items():  # interleaved: a noisy machine affects all alike
                 run = uuid.uuid4().hex[:6]
                 settings = Settings(kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
                                     topic_prefix=f"b{run}.", redis_prefix=f"b{run}:")
-                result = asyncio.run(measure(settings, orders, log_dir, observed if variant == "observed" else None))
-                figures[variant].append(result["events_per_s"])
-                print(f"  {variant:9} {result['events_per_s']:8.0f} events/s", flush=True)
+                result = asyncio.run(measure(settings, orders, log_dir, env))
+                figures[name].append(result["events_per_s"])
+                print(f"  {name:28} {result['events_per_s']:8.0f} events/s", flush=True)
     sink.shutdown()
-    off, on = statistics.median(figures["off"]), statistics.median(figures["observed"])
+    off = statistics.median(figures["observability off"])
     print(f"two-service chain, {orders} orders, {rounds} round(s) each, median events/s handled:")
-    print(f"  observability off  {off:8.0f}  (min {min(figures['off']):.0f}, max {max(figures['off']):.0f})")
-    print(f"  tracing + metrics  {on:8.0f}  (min {min(figures['observed']):.0f}, max {max(figures['observed']):.0f})"
-          f"  = {on / off:.2f} x off")
+    for name, values in figures.items():
+        median = statistics.median(values)
+        print(f"  {name:28} {median:8.0f}  (min {min(values):.0f}, max {max(values):.0f})  = {median / off:.2f} x off")
     return 0
 
 

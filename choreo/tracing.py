@@ -60,11 +60,16 @@ def _otlp_exporter(env: Mapping[str, str]) -> SpanExporter:
     return HttpExporter()
 
 
-def _saga_context(saga_id: str, event_id: str) -> SpanContext:
-    """The remote parent of an untraced event: trace id from the saga id, span id from the event id."""
+def _saga_context(saga_id: str, event_id: str, sampler: Any) -> SpanContext:
+    """The remote parent of an untraced event: trace id from the saga id, span id from the event id.
+
+    Whether it is sampled is the sampler's root decision for that trace id, which every service
+    makes alike (``traceidratio`` looks only at the id), so a sampled saga is sampled everywhere."""
     trace_id = int.from_bytes(hashlib.blake2b(saga_id.encode(), digest_size=16).digest(), "big") or 1
     span_id = int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "big") or 1
-    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    sampled = sampler is None or sampler.should_sample(None, trace_id, "saga").decision.is_sampled()
+    flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=flags)
 
 
 def trace_id_of(headers: Headers) -> str | None:
@@ -84,6 +89,9 @@ class Tracing:
         self._provider = provider
         self.enabled = provider is not None
         self._tracer = provider.get_tracer("choreo") if provider is not None else trace.NoOpTracer()
+        # A parent-based sampler's root sampler decides for sagas that arrive without a trace.
+        sampler = getattr(provider, "sampler", None)
+        self._root_sampler = getattr(sampler, "_root", sampler)
         self.name = name
 
     @classmethod
@@ -118,7 +126,8 @@ class Tracing:
             parent = _PROPAGATOR.extract(carrier)
         else:
             parent = trace.set_span_in_context(trace.NonRecordingSpan(_saga_context(
-                str(attributes.get("choreo.saga.id", "")), str(attributes.get("messaging.message.id", "")))))
+                str(attributes.get("choreo.saga.id", "")), str(attributes.get("messaging.message.id", "")),
+                self._root_sampler)))
         links: Sequence[Link] = ()
         if replayed:
             # A replayed event runs in its original trace; the link marks where that trace resumes.

@@ -182,3 +182,33 @@ async def test_spans_reach_an_otlp_receiver_over_either_protocol(protocol: str) 
             await pub.publish(OrderPlaced(order_id="o1", quantity=1), correlation_id="saga-1")
         [span] = receiver.snapshot()  # closing the publisher flushed it
         assert (span.name, span.service, span.attributes["choreo.saga.id"]) == (f"send {ORDERS}", "web", "saga-1")
+
+
+async def test_ratio_sampling_of_untraced_sagas_is_the_same_in_every_service(
+    spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.5")
+    broker = MemoryBroker()
+    config = Settings(topic_prefix=PREFIX, topic_partitions=2)
+    services = []
+    for name in ("a", "b"):
+        service = Service(name, settings=config, transport=MemoryTransport(broker),
+                          idempotency=MemoryIdempotencyStore(), tracing=Tracing.from_env(name, env={}, exporter=spans))
+
+        @service.on(OrderPlaced)
+        async def handle(event: OrderPlaced, ctx: Context) -> None:
+            return None
+
+        await service.start()
+        services.append(service)
+    async with Publisher("web", settings=config, transport=MemoryTransport(broker), tracing=Tracing.off()) as pub:
+        for i in range(40):
+            await pub.publish(OrderPlaced(order_id=f"o{i}", quantity=1), correlation_id=f"saga-{i}")
+    for service in services:
+        await poll_until(service, lambda s=service: s.stats.processed == 40)  # type: ignore[misc]
+        await service.close()
+    sampled = {name: {s.attributes["choreo.saga.id"] for s in spans.get_finished_spans()
+                      if s.resource.attributes["service.name"] == name} for name in ("a", "b")}
+    assert sampled["a"] == sampled["b"], "both services keep the same sagas"
+    assert 5 < len(sampled["a"]) < 35, "about half"
