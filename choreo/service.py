@@ -838,8 +838,9 @@ class Service:
                         for index, (event, key) in enumerate(ctx.emitted)
                     ]
                     if span is not None:
-                        item.spans = tracing.producer_spans(item.out, span,
-                                                            [self._send_attributes(r, env) for r in item.out])
+                        item.spans = tracing.producer_spans(
+                            item.out, span, [self._send_attributes(r, env) for r in item.out] if span.is_recording()
+                            else [])
                         span.end()
                     if metrics is not None:
                         metrics.handled(item.sub.name, env.event_type, "ok", time.perf_counter() - started)
@@ -903,28 +904,33 @@ class Service:
     def _consumer_span(self, item: _Item) -> Any:
         assert self._tracing is not None
         rec, env = item.record, item.envelope
-        prior = self._attempts.get((_tp(rec), rec.offset, item.sub.name))
-        attempts = prior[0] if prior is not None else item.retry.attempts if item.retry is not None else 0
-        attributes = {
-            "messaging.system": "kafka",
-            "messaging.operation.type": "process",
-            "messaging.operation.name": "process",
-            "messaging.destination.name": rec.topic,
-            "messaging.destination.partition.id": str(rec.partition),
-            "messaging.kafka.offset": rec.offset,
-            "messaging.message.id": env.event_id,
-            "messaging.consumer.group.name": self.group,
-            "choreo.saga.id": env.correlation_id,
-            "choreo.service": self.name,
-            "choreo.step": item.sub.name,
-            "choreo.event.type": env.event_type,
-            "choreo.attempt": attempts + 1,
-            "choreo.compensation": item.sub.compensation,
-        }
-        if rec.key is not None:
-            attributes["messaging.kafka.message.key"] = rec.key.decode(errors="replace")
+
+        def attributes() -> dict[str, Any]:  # only for a sampled event
+            prior = self._attempts.get((_tp(rec), rec.offset, item.sub.name))
+            attempts = prior[0] if prior is not None else item.retry.attempts if item.retry is not None else 0
+            found = {
+                "messaging.system": "kafka",
+                "messaging.operation.type": "process",
+                "messaging.operation.name": "process",
+                "messaging.destination.name": rec.topic,
+                "messaging.destination.partition.id": str(rec.partition),
+                "messaging.kafka.offset": rec.offset,
+                "messaging.message.id": env.event_id,
+                "messaging.consumer.group.name": self.group,
+                "choreo.saga.id": env.correlation_id,
+                "choreo.service": self.name,
+                "choreo.step": item.sub.name,
+                "choreo.event.type": env.event_type,
+                "choreo.attempt": attempts + 1,
+                "choreo.compensation": item.sub.compensation,
+            }
+            if rec.key is not None:
+                found["messaging.kafka.message.key"] = rec.key.decode(errors="replace")
+            return found
+
         replayed = any(k == "choreo-replayed-at" for k, _ in rec.headers)
-        return self._tracing.consumer_span(rec, attributes, replayed=replayed)
+        return self._tracing.consumer_span(rec, attributes, saga_id=env.correlation_id, event_id=env.event_id,
+                                           replayed=replayed)
 
     def _send_attributes(self, record: OutgoingRecord, env: Envelope) -> dict[str, Any]:
         return {

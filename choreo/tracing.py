@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +92,10 @@ class Tracing:
         # A parent-based sampler's root sampler decides for sagas that arrive without a trace.
         sampler = getattr(provider, "sampler", None)
         self._root_sampler = getattr(sampler, "_root", sampler)
+        # With a parent-based sampler (the default), an unsampled parent means an unsampled span.
+        from opentelemetry.sdk.trace.sampling import ParentBased
+
+        self._follows_parent = isinstance(sampler, ParentBased)
         self.name = name
 
     @classmethod
@@ -116,24 +120,30 @@ class Tracing:
 
     # -- consuming ----------------------------------------------------------------------------------
 
-    def consumer_span(self, record: Record, attributes: dict[str, Any], *, replayed: bool = False) -> Span:
+    def consumer_span(self, record: Record, attributes: Callable[[], dict[str, Any]], *, saga_id: str,
+                      event_id: str, replayed: bool = False) -> Span:
         """A started ``process <topic>`` span whose parent is the context carried by ``record``.
 
         A record without one (published by an untraced producer) gets a parent derived from its saga
-        id, so every service that handles the saga's first events still joins one trace."""
+        id, so every service that handles the saga's first events still joins one trace. In a saga
+        that is not sampled the span is the parent's non-recording context and ``attributes`` is
+        never called: an unsampled event costs little more than reading its header."""
         carrier = {k: v.decode(errors="replace") for k, v in record.headers if k in (TRACEPARENT, TRACESTATE) and v}
         if carrier:
             parent = _PROPAGATOR.extract(carrier)
         else:
-            parent = trace.set_span_in_context(trace.NonRecordingSpan(_saga_context(
-                str(attributes.get("choreo.saga.id", "")), str(attributes.get("messaging.message.id", "")),
-                self._root_sampler)))
+            parent = trace.set_span_in_context(trace.NonRecordingSpan(_saga_context(saga_id, event_id,
+                                                                                   self._root_sampler)))
+        if self._follows_parent:
+            context = trace.get_current_span(parent).get_span_context()
+            if context.is_valid and not context.trace_flags.sampled:
+                return trace.NonRecordingSpan(context)
         links: Sequence[Link] = ()
         if replayed:
             # A replayed event runs in its original trace; the link marks where that trace resumes.
             links = [Link(trace.get_current_span(parent).get_span_context(), {"choreo.replayed": True})]
         return self._tracer.start_span(f"process {record.topic}", context=parent, kind=SpanKind.CONSUMER,
-                                       attributes=attributes, links=links)
+                                       attributes=attributes(), links=links)
 
     @contextmanager
     def activate(self, span: Span) -> Iterator[None]:
@@ -149,12 +159,20 @@ class Tracing:
 
         Without ``parent`` each span continues the current context, or starts a new trace (a publish
         that starts a saga)."""
+        if parent is not None and not parent.is_recording() and self._follows_parent:
+            # An unsampled saga: pass its context on, with no spans that would be dropped anyway.
+            carrier: dict[str, str] = {}
+            _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(parent))
+            encoded = [(k, v.encode()) for k, v in carrier.items()]
+            for record in records:
+                record.headers.extend(encoded)
+            return []
         context = trace.set_span_in_context(parent) if parent is not None else None
         spans = []
         for record, attrs in zip(records, attributes):
             span = self._tracer.start_span(f"send {record.topic}", context=context, kind=SpanKind.PRODUCER,
                                            attributes=attrs)
-            carrier: dict[str, str] = {}
+            carrier = {}
             _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
             record.headers.extend((k, v.encode()) for k, v in carrier.items())
             spans.append(span)

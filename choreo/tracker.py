@@ -102,7 +102,7 @@ def _span_context(traceparent: str | None) -> trace.SpanContext:
     if len(parts) != 4:
         return trace.INVALID_SPAN_CONTEXT
     return trace.SpanContext(int(parts[1], 16), int(parts[2], 16), is_remote=True,
-                             trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))
+                             trace_flags=trace.TraceFlags(int(parts[3], 16)))
 
 
 def _iso(ms: int) -> str:
@@ -281,7 +281,7 @@ class SagaTracker:
 
         # The saga's trace (the handler runs inside this event's consumer span, when tracing is on).
         span = trace.get_current_span().get_span_context()
-        traceparent = f"00-{span.trace_id:032x}-{span.span_id:016x}-01" if span.is_valid else None
+        traceparent = f"00-{span.trace_id:032x}-{span.span_id:016x}-{span.trace_flags:02x}" if span.is_valid else None
 
         ended_before: list[bool] = []
 

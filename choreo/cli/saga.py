@@ -118,7 +118,9 @@ def _show(state: dict[str, Any], jaeger_url: str) -> None:
     print(f"saga {state['id']} ({state['saga']}): {state['status']}")
     print(f"  started {_time(start)}, ended {_time(state['ended_at'])}, deadline {_time(state['deadline_at'])}")
     parts = (state.get("trace") or "").split("-")
-    if len(parts) == 4:
+    if len(parts) == 4 and parts[3] == "00":
+        print(f"  trace {parts[1]} (not sampled: OTEL_TRACES_SAMPLER left this saga out)")
+    elif len(parts) == 4:
         print(f"  trace {parts[1]}  {jaeger_url.rstrip('/')}/trace/{parts[1]}")
     else:
         print("  trace: none recorded (the tracker runs without OTEL_EXPORTER_OTLP_ENDPOINT)")

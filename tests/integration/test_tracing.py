@@ -42,7 +42,8 @@ def _check_tree(spans: list[SpanRecord], group_prefix: str) -> None:
     assert [(r.kind, r.service) for r in roots] == [(PRODUCER, "test")], "one root: the publish"
     for span in spans:
         if span.kind == CONSUMER:
-            parent = by_id[span.parent_id]
+            parent = by_id.get(span.parent_id)
+            assert parent is not None, f"the parent of {span.name} in {span.service} has not arrived"
             assert parent.kind == PRODUCER and parent.name == f"send {span.attributes['messaging.destination.name']}"
             assert parent.attributes["messaging.message.id"] == span.attributes["messaging.message.id"]
             a = span.attributes
@@ -51,7 +52,8 @@ def _check_tree(spans: list[SpanRecord], group_prefix: str) -> None:
             assert a["choreo.service"] == span.service and a["choreo.step"] and a["choreo.attempt"] == 1
             assert a["messaging.destination.partition.id"].isdigit() and a["messaging.kafka.offset"] >= 0
         elif span.parent_id:
-            parent = by_id[span.parent_id]
+            parent = by_id.get(span.parent_id)
+            assert parent is not None, f"the parent of {span.name} in {span.service} has not arrived"
             assert parent.kind == CONSUMER and parent.service == span.service
 
 
@@ -77,11 +79,10 @@ async def test_a_saga_is_one_trace_across_the_five_services(checkout: Checkout, 
             in_trace = [s for s in receiver.snapshot() if s.trace_id in ids]
             assert {s.attributes.get("choreo.saga.id") for s in in_trace} == {saga_id}
             assert FIVE <= {s.service for s in in_trace}
+            # Spans arrive in each service's export batches: a parent may come after its child.
+            _check_tree(spans, checkout.settings.topic_prefix)
 
     await eventually(complete, 60)
-    prefix = checkout.settings.topic_prefix
-    for saga_id in (happy, no_carrier):
-        _check_tree(saga(saga_id), prefix)
     steps = {s.attributes["choreo.step"]: s for s in saga(happy) if s.kind == CONSUMER}
     assert {"reserve_stock", "charge", "schedule", "notify_shipped"} <= set(steps)
     assert not any(s.attributes["choreo.compensation"] for s in steps.values())
