@@ -772,9 +772,10 @@ class Service:
                 continue
             if item.claim is ClaimResult.BUSY:
                 first = item.copy_of
-                if first is not None and first.outcome == _OK and (first.record.topic, first.record.partition) == (
-                    item.record.topic, item.record.partition):
-                    # The copy's first delivery ran earlier in this partition: it is a duplicate.
+                if first is not None and first.outcome in _FINISHED and (
+                        first.record.topic, first.record.partition) == (item.record.topic, item.record.partition):
+                    # The copy's first delivery was handled earlier in this partition (done, sent on to a
+                    # retry topic, parked or dead-lettered): this one is a duplicate.
                     item.outcome = _SKIPPED
                     continue
                 # Held elsewhere (another process, or a copy on another partition): try again shortly.

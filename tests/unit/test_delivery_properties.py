@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from unittest import mock
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, example, given, settings as hsettings, strategies as st
 
 from choreo import retry
 from choreo import Context, Event, Publisher, RetryPolicy, Service, Settings
@@ -98,6 +98,11 @@ def test_any_duplicates_failures_and_crashes_give_one_effect_per_event_in_key_or
 
 @hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plan=deliveries, crash_after=st.one_of(st.none(), st.integers(1, 10)))
+# Found in CI: copies of one event in a batch whose first copy went to a retry topic each started
+# their own chain of retry records, and the key took too long to drain.
+@example(plan=[(2, 2, 1), (0, 2, 1), (2, 1, 0), (1, 3, 0), (1, 2, 2), (0, 1, 2), (4, 1, 2), (4, 1, 0), (5, 2, 2),
+               (4, 3, 2), (1, 3, 1), (0, 2, 1), (5, 1, 2), (0, 2, 1), (0, 1, 1), (0, 3, 2), (3, 1, 0)],
+         crash_after=6)
 def test_retries_through_retry_topics_keep_key_order_and_one_effect_per_event(
     plan: list[tuple[int, int, int]], crash_after: int | None
 ) -> None:
