@@ -15,7 +15,8 @@ from choreo.retry import RetryPolicy
 if TYPE_CHECKING:
     from choreo.context import Context
 
-Handler = Callable[[Any, "Context"], Awaitable[None]]
+#: ``async def handler(event, ctx)``, or a plain ``def`` that blocks (run in the service's thread pool).
+Handler = Callable[[Any, "Context"], Awaitable[None]] | Callable[[Any, "Context"], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,8 @@ class Subscription:
     retry: RetryPolicy | None = None
     #: A circuit breaker for this handler's dependency, or None.
     breaker: CircuitBreaker | None = None
+    #: A plain ``def``: it runs in the service's bounded thread pool, never on the event loop.
+    blocking: bool = False
 
     @classmethod
     def build(
@@ -63,8 +66,8 @@ class Subscription:
             if not (isinstance(emitted, type) and issubclass(emitted, Event)):
                 raise ConfigurationError(f"{where}: emits {emitted!r}, which is not an Event subclass")
             emitted.avro_schema()
-        if not inspect.iscoroutinefunction(handler):
-            raise ConfigurationError(f"{where}: handlers must be 'async def' functions")
+        if not callable(handler) or inspect.isgeneratorfunction(handler) or inspect.isasyncgenfunction(handler):
+            raise ConfigurationError(f"{where}: a handler must be an 'async def' or a plain 'def' function")
         handler_name = name or getattr(handler, "__name__", "")
         if not handler_name or not all(c.isalnum() or c in "_-." for c in handler_name):
             raise ConfigurationError(f"{where}: handler name {handler_name!r} must be letters, digits, '_', '-', '.'")
@@ -75,4 +78,4 @@ class Subscription:
         if breaker is not None and not isinstance(breaker, CircuitBreaker):
             raise ConfigurationError(f"{where}: breaker must be a choreo.CircuitBreaker, got {type(breaker).__name__}")
         return cls(event_type, handler, handler_name, frozenset(emits), compensation, undoes,
-                   compensable and not compensation, retry, breaker)
+                   compensable and not compensation, retry, breaker, not inspect.iscoroutinefunction(handler))

@@ -22,12 +22,15 @@ attempt the event is dead-lettered.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import inspect
 import logging
 import os
 import socket
 import time
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -139,6 +142,7 @@ class Service:
         self._parking = parking
         self._tracing = tracing
         self._metrics = metrics
+        self._threads: ThreadPoolExecutor | None = None
         self._lag_at = 0.0
         self._subs: list[Subscription] = []
         self._by_type: dict[type[Event], list[Subscription]] = {}
@@ -177,6 +181,9 @@ class Service:
         breaker: CircuitBreaker | None = None,
     ) -> Callable[[H], H]:
         """Register the decorated ``async def handler(event, ctx)`` for ``event_type``: a forward step.
+
+        A plain ``def`` handler (blocking I/O) runs in the service's thread pool
+        (``Settings.handler_threads``), never on the event loop.
 
         ``emits`` lists every event type the handler may emit; emitting another raises ``EmitError``.
         The handler's ``name`` (default: the function name) is part of its idempotency keys.
@@ -409,6 +416,9 @@ class Service:
             await self._tracing.close()
         if self._metrics is not None:
             await asyncio.to_thread(self._metrics.close)
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
+            self._threads = None
         for hook in self._on_stop:
             await hook()
         self._log.info("service %s stopped", self.name)
@@ -823,10 +833,10 @@ class Service:
                                saga_id=env.correlation_id, trace_id=trace_id):
                 try:
                     if span is None:
-                        await item.sub.handler(item.event, ctx)
+                        await self._call(item.sub, item.event, ctx)
                     else:
                         with tracing.activate(span):
-                            await item.sub.handler(item.event, ctx)
+                            await self._call(item.sub, item.event, ctx)
                     item.out = [
                         wire.encode(
                             event,
@@ -901,6 +911,18 @@ class Service:
             if breaker is not None:
                 breaker.success()
             item.outcome = _OK
+
+    async def _call(self, sub: Subscription, event: Event, ctx: Context) -> None:
+        if not sub.blocking:
+            await sub.handler(event, ctx)  # type: ignore[misc]  # an async def (see Subscription.build)
+            return
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(self.settings.handler_threads, thread_name_prefix=f"{self.name}-handler")
+        # A copy of this task's context, so the handler's logs and spans know their event.
+        context = contextvars.copy_context()
+        result = await asyncio.get_running_loop().run_in_executor(self._threads, context.run, sub.handler, event, ctx)
+        if inspect.isawaitable(result):  # a callable object whose __call__ is async
+            await result
 
     def _consumer_span(self, item: _Item) -> Any:
         assert self._tracing is not None

@@ -75,6 +75,8 @@ class Settings(BaseModel):
     #: partition a consumer is assigned costs fetch work on the client and the broker.
     retry_topic_partitions: int = Field(default=1, ge=1, le=100_000)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    #: Threads for handlers written as plain ``def`` (blocking I/O); async handlers never use them.
+    handler_threads: int = Field(default=8, ge=1, le=1_024)
     #: Where ``choreo saga show`` links a saga's trace (Jaeger's UI).
     jaeger_url: str = "http://127.0.0.1:16686"
     #: ``text`` (readable) or ``json`` (one object per line, for log pipelines).
