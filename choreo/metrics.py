@@ -38,6 +38,7 @@ from typing import Any
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from choreo.errors import ConfigurationError
+from choreo.tracing import otlp_protocol
 from choreo.transport import TopicPartition
 
 log = logging.getLogger("choreo.metrics")
@@ -54,13 +55,10 @@ def otlp_metrics_enabled(env: Mapping[str, str]) -> bool:
 def _otlp_reader(env: Mapping[str, str]) -> Any:
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-    protocol = env.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
-    if protocol == "grpc":
+    if otlp_protocol(env, "METRICS") == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
 
         return PeriodicExportingMetricReader(GrpcExporter())
-    if protocol != "http/protobuf":
-        raise ConfigurationError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: choreo exports over http/protobuf or grpc")
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
 
     return PeriodicExportingMetricReader(HttpExporter())

@@ -41,7 +41,7 @@ from choreo.events import Envelope, Event, utc_now_iso
 from choreo.idempotency import ClaimResult, IdempotencyStore, idempotency_key
 from choreo.routing import Handler, Subscription
 from choreo.breaker import BreakerState, CircuitBreaker
-from choreo.deadletter import Failure, dead_letter, dead_letter_topic
+from choreo.deadletter import Failure, dead_letter, dead_letter_topic, last_header
 from choreo.parking import Gate, GateResult, ParkingLot, park_key
 from choreo import retry as _retry
 from choreo.retry import (
@@ -961,10 +961,10 @@ class Service:
             "messaging.operation.type": "send",
             "messaging.operation.name": "send",
             "messaging.destination.name": record.topic,
-            "messaging.message.id": _header(record.headers, "choreo-event-id"),
+            "messaging.message.id": last_header(record.headers, "choreo-event-id") or "",
             "choreo.saga.id": env.correlation_id,
             "choreo.service": self.name,
-            "choreo.event.type": _header(record.headers, "choreo-event-type"),
+            "choreo.event.type": last_header(record.headers, "choreo-event-type") or "",
         }
 
     # -- pausing and rewinding -----------------------------------------------------------------------------
@@ -1001,13 +1001,6 @@ class Service:
         if self._store is None:
             raise ConfigurationError(f"service {self.name} is not started")
         return self._store
-
-
-def _header(headers: list[tuple[str, bytes | None]], name: str) -> str:
-    for key, value in headers:
-        if key == name and value is not None:
-            return value.decode(errors="replace")
-    return ""
 
 
 def _tp(record: Record) -> TopicPartition:

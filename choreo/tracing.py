@@ -45,13 +45,19 @@ def trace_enabled(env: Mapping[str, str]) -> bool:
     return bool(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
 
 
-def _otlp_exporter(env: Mapping[str, str]) -> SpanExporter:
-    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or _PROTOCOLS[0]
+def otlp_protocol(env: Mapping[str, str], signal: str) -> str:
+    """The OTLP protocol for ``signal`` (``TRACES`` or ``METRICS``) from the standard variables."""
+    protocol = (env.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+                or _PROTOCOLS[0])
     if protocol not in _PROTOCOLS:
         raise ConfigurationError(
-            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: choreo exports traces over {' or '.join(_PROTOCOLS)}"
+            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: choreo exports over {' or '.join(_PROTOCOLS)}"
         )
-    if protocol == "grpc":
+    return protocol
+
+
+def _otlp_exporter(env: Mapping[str, str]) -> SpanExporter:
+    if otlp_protocol(env, "TRACES") == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
         return GrpcExporter()
