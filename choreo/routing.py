@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from choreo.errors import ConfigurationError
 from choreo.events import Event
@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 #: ``async def handler(event, ctx)``, or a plain ``def`` that blocks (run in the service's thread pool).
 Handler = Callable[[Any, "Context"], Awaitable[None]] | Callable[[Any, "Context"], None]
+#: ``key``: a record key's events in offset order, keys concurrently; ``partition``: one event at a
+#: time per partition; ``unordered``: any event may run beside any other.
+Ordering = Literal["key", "partition", "unordered"]
+_ORDERINGS = ("key", "partition", "unordered")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,8 @@ class Subscription:
     breaker: CircuitBreaker | None = None
     #: A plain ``def``: it runs in the service's bounded thread pool, never on the event loop.
     blocking: bool = False
+    #: The order this handler keeps (see ``Ordering``); None uses the service's ``Settings.ordering``.
+    ordering: Ordering | None = None
 
     @classmethod
     def build(
@@ -57,6 +63,7 @@ class Subscription:
         compensable: bool = True,
         retry: RetryPolicy | None = None,
         breaker: CircuitBreaker | None = None,
+        ordering: Ordering | None = None,
     ) -> Subscription:
         where = f"handler {getattr(handler, '__qualname__', handler)!r}"
         if not (isinstance(event_type, type) and issubclass(event_type, Event)):
@@ -77,5 +84,8 @@ class Subscription:
             raise ConfigurationError(f"{where}: retry must be a choreo.RetryPolicy, got {type(retry).__name__}")
         if breaker is not None and not isinstance(breaker, CircuitBreaker):
             raise ConfigurationError(f"{where}: breaker must be a choreo.CircuitBreaker, got {type(breaker).__name__}")
+        if ordering is not None and ordering not in _ORDERINGS:
+            raise ConfigurationError(f"{where}: ordering must be one of {', '.join(_ORDERINGS)}, got {ordering!r}")
         return cls(event_type, handler, handler_name, frozenset(emits), compensation, undoes,
-                   compensable and not compensation, retry, breaker, not inspect.iscoroutinefunction(handler))
+                   compensable and not compensation, retry, breaker, not inspect.iscoroutinefunction(handler),
+                   ordering)

@@ -39,7 +39,7 @@ from choreo.context import Context
 from choreo.errors import ChoreoError, ConfigurationError, DecodeError, EmitError, IdempotencyError, TransportError
 from choreo.events import Envelope, Event, utc_now_iso
 from choreo.idempotency import ClaimResult, IdempotencyStore, idempotency_key
-from choreo.routing import Handler, Subscription
+from choreo.routing import Handler, Ordering, Subscription
 from choreo.breaker import BreakerState, CircuitBreaker
 from choreo.deadletter import Failure, dead_letter, dead_letter_topic, last_header
 from choreo.parking import Gate, GateResult, ParkingLot, park_key
@@ -92,6 +92,13 @@ class _Item:
     delay: float = 0.0  # the backoff before the next attempt, once it failed
     due_ms: int = 0  # when its retry record may run (epoch ms)
     spans: list[Any] = field(default_factory=list)  # producer spans of its emitted events, ended on ack
+    not_before: float = 0.0  # held over to a later batch: when it may run again (monotonic s)
+
+    def _reset(self) -> _Item:
+        """Forget the outcome of a run, for an event held over to a later batch."""
+        self.claim, self.outcome, self.out, self.copy_of = ClaimResult.BUSY, _NOT_RUN, [], None
+        self.stopped_saga, self.error, self.gate, self.spans = None, None, None, []
+        return self
 
 
 @dataclass(slots=True)
@@ -154,6 +161,17 @@ class Service:
         self._attempts: dict[tuple[TopicPartition, int, str], tuple[int, str]] = {}
         self._resume_at: dict[TopicPartition, float] = {}
         self._failures: dict[TopicPartition, int] = {}
+        # Events held over to a later batch per partition, in offset order: those behind an
+        # unfinished event of their chain. The partition's offset never passes the first of them.
+        self._carried: dict[TopicPartition, list[_Item]] = {}
+        # The next offset to read per partition: what is committed once nothing is held over.
+        self._position: dict[TopicPartition, int] = {}
+        # The offset last stored per partition (at first, that of the first record fetched): offsets
+        # only move forward.
+        self._stored: dict[TopicPartition, int] = {}
+        # Partitions paused because too many events wait in memory (Settings.max_buffered).
+        self._backpressured: set[TopicPartition] = set()
+        self._buffered = 0
         self.stats = ServiceStats()
         self._log = logging.getLogger(f"choreo.service.{name}")
         self._started = False
@@ -179,6 +197,7 @@ class Service:
         compensable: bool = True,
         retry: RetryPolicy | None = None,
         breaker: CircuitBreaker | None = None,
+        ordering: Ordering | None = None,
     ) -> Callable[[H], H]:
         """Register the decorated ``async def handler(event, ctx)`` for ``event_type``: a forward step.
 
@@ -188,12 +207,13 @@ class Service:
         ``emits`` lists every event type the handler may emit; emitting another raises ``EmitError``.
         The handler's ``name`` (default: the function name) is part of its idempotency keys.
         ``compensable=False`` declares that the step needs no compensation when a later step fails
-        (the flow-graph check otherwise asks for one).
+        (the flow-graph check otherwise asks for one). ``ordering`` overrides the service's
+        ``Settings.ordering`` for this handler: ``key``, ``partition`` or ``unordered``.
         """
 
         def register(fn: H) -> H:
             self.add(Subscription.build(event_type, fn, emits=emits, name=name, compensable=compensable, retry=retry,
-                                        breaker=breaker))
+                                        breaker=breaker, ordering=ordering))
             return fn
 
         return register
@@ -207,6 +227,7 @@ class Service:
         name: str | None = None,
         retry: RetryPolicy | None = None,
         breaker: CircuitBreaker | None = None,
+        ordering: Ordering | None = None,
     ) -> Callable[[H], H]:
         """Register a compensating handler: it reacts to a failure event on the saga's failure path.
 
@@ -227,7 +248,7 @@ class Service:
                     "which is not a forward handler of this service (register the step first)"
                 )
             self.add(Subscription.build(event_type, fn, emits=emits, name=name, compensation=True, undoes=target,
-                                        retry=retry, breaker=breaker))
+                                        retry=retry, breaker=breaker, ordering=ordering))
             return fn
 
         return register
@@ -382,26 +403,37 @@ class Service:
             await self.close()
 
     async def poll_once(self, timeout: float = 0.1) -> int:
-        """Fetch one batch and process it completely; returns the number of records fetched."""
+        """Fetch one batch and process it, with the held-over events now due; returns the number of
+        records fetched."""
         transport = self._require_transport()
         self._resume_due()
+        due_in = self._next_due()
+        if due_in is not None:
+            timeout = min(timeout, due_in)
         records = await transport.fetch(self.settings.batch_size, timeout)
+        if not records and (due_in is None or self._next_due() != 0.0):
+            return 0
         metrics = self._metrics
         if metrics is not None and metrics.enabled:
             now = time.monotonic()
             if now - self._lag_at >= 1.0:
                 self._lag_at = now
                 metrics.set_lag(transport.lag())
-            if records:
-                metrics.set_in_flight(len(records))
-                try:
-                    await self._process(records)
-                finally:
-                    metrics.set_in_flight(0)
+            metrics.set_in_flight(len(records) + self._buffered)
+            try:
+                await self._process(records)
+            finally:
+                metrics.set_in_flight(self._buffered)
             return len(records)
-        if records:
-            await self._process(records)
+        await self._process(records)
         return len(records)
+
+    def _next_due(self) -> float | None:
+        """Seconds until the first held-over event may run (0.0: now), or None if none is held."""
+        if not self._carried:
+            return None
+        first = min(items[0].not_before for items in self._carried.values())
+        return max(0.0, first - time.monotonic())
 
     async def close(self) -> None:
         if self._transport is not None:
@@ -430,14 +462,25 @@ class Service:
         for tp in partitions:
             self._resume_at.pop(tp, None)
             self._failures.pop(tp, None)
+            self._backpressured.discard(tp)
         self._log.info("assigned %s", sorted(partitions))
 
     def _revoked(self, partitions: Sequence[TopicPartition]) -> None:
+        # Runs inside fetch, between batches: no handler is running. Held-over events hold no claim
+        # and sit above the stored offset, so dropping them gives them cleanly to the next owner,
+        # which reads them again from the offset committed as the partition goes.
         gone = set(partitions)
+        dropped = 0
         for tp in partitions:
             self._resume_at.pop(tp, None)
+            self._position.pop(tp, None)
+            self._stored.pop(tp, None)
+            self._backpressured.discard(tp)
+            dropped += len(self._carried.pop(tp, ()))
+        self._buffered = sum(len(items) for items in self._carried.values())
         self._attempts = {k: v for k, v in self._attempts.items() if k[0] not in gone}
-        self._log.info("revoked %s", sorted(partitions))
+        self._log.info("revoked %s%s", sorted(partitions),
+                       f" ({dropped} unfinished events left to their next owner)" if dropped else "")
 
     def _resume_due(self) -> None:
         if not self._resume_at:
@@ -446,6 +489,8 @@ class Service:
         due = [tp for tp, at in self._resume_at.items() if at <= now]
         for tp in due:
             del self._resume_at[tp]
+        # A partition also paused for backpressure resumes once its held-over events drain.
+        due = [tp for tp in due if tp not in self._backpressured]
         if due:
             self._require_transport().resume(due)
 
@@ -455,88 +500,32 @@ class Service:
         transport = self._require_transport()
         store = self._require_store()
         parking = self._parking
-        wire = self._wire
-        assert wire is not None and parking is not None
+        assert self._wire is not None and parking is not None
         settings = self.settings
-        prefix = settings.redis_prefix
         self.stats.batches += 1
         # One timestamp per batch for every emitted event: isoformat per event is measurable, and a
         # batch is processed within milliseconds.
         self._batch_time = utc_now_iso()
-        self._batch_ms = now_ms = int(time.time() * 1000)
-
-        # Decode, grouped by partition in offset order. A record that cannot be decoded is dead-lettered
-        # in its place, once every record before it in its partition is finished.
-        partitions: dict[TopicPartition, list[_Item]] = {}
-        poison: dict[TopicPartition, list[tuple[Record, DecodeError]]] = {}
-        ends: dict[TopicPartition, int] = {}
-        # Partitions that wait from an offset on: a retry record not yet due (for the seconds given),
-        # or a writer schema that could not be fetched (None: back off).
-        waits: dict[TopicPartition, tuple[int, float | None]] = {}
-        for record in records:
-            tp = (record.topic, record.partition)
-            if tp in self._resume_at or tp in waits:
-                continue  # waiting: it will be fetched again from the offset it waits at
-            route = self._by_topic.get(record.topic)
-            if route is None:
-                continue  # not ours (cannot happen with a subscription per topic)
-            cls, subs = route
-            state: RetryState | None = None
-            if record.topic in self._retry_sources:
-                try:
-                    state = RetryState.read(record.headers)
-                except ValueError as exc:
-                    poison.setdefault(tp, []).append((record, DecodeError(str(exc), reason="bad-retry-headers")))
-                    partitions.setdefault(tp, [])
-                    ends[tp] = record.offset
-                    continue
-                if state.due_ms > now_ms:
-                    waits[tp] = (record.offset, (state.due_ms - now_ms) / 1000)
-                    continue
-                subs = [sub for sub in subs if sub.name in state.handlers]
-                if not subs:
-                    error = DecodeError(f"no handler named {', '.join(state.handlers)} (renamed while the event "
-                                        "waited for a retry?)", reason="unknown-handler")
-                    poison.setdefault(tp, []).append((record, error))
-                    partitions.setdefault(tp, [])
-                    ends[tp] = record.offset
-                    continue
-            try:
-                envelope, event = wire.decode(record, cls)
-            except DecodeError as exc:
-                poison.setdefault(tp, []).append((record, exc))
-                partitions.setdefault(tp, [])
-                ends[tp] = record.offset
-                continue
-            except TransportError as exc:
-                self._log.warning("cannot fetch a writer schema for %s [%d] offset %d: %s; will retry",
-                                  record.topic, record.partition, record.offset, exc)
-                waits[tp] = (record.offset, None)
-                continue
-            ends[tp] = record.offset
-            items = partitions.setdefault(tp, [])
-            origin_topic = record.topic if state is None else state.origin[0]
-            for sub in subs:
-                key = idempotency_key(prefix, self.name, sub.name, envelope.correlation_id, envelope.event_id)
-                item = _Item(record, envelope, event, sub, key, retry=state)
-                if record.key is not None and settings.retry_tiers and (sub.retry or self.retry).ordered:
-                    item.park_key = park_key(prefix, self.group, sub.name, origin_topic, record.key)
-                items.append(item)
+        self._batch_ms = int(time.time() * 1000)
+        fresh, poison, waits = self._decode(records)
         for tp, (offset, wait) in waits.items():
-            if tp not in partitions:
-                self._pause(tp, offset, wait)
-        if not partitions:
+            self._pause(tp, offset, wait)
+            self._position[tp] = offset
+        touched = set(fresh) | set(poison) | set(waits) | set(self._carried)
+        chains, held_back = self._plan(fresh)
+        run = [item for chain in chains for item in chain]
+        if not run and not poison:
+            self._carry(held_back, [], touched)
             return
 
-        all_items = [item for items in partitions.values() for item in items]
         try:
-            claims = await store.claim([i.key for i in all_items], self._owner, settings.claim_lease_ms)
+            claims = await store.claim([i.key for i in run], self._owner, settings.claim_lease_ms) if run else []
         except IdempotencyError as exc:
-            self._log.error("%s; pausing %d partitions", exc, len(partitions))
-            self._rewind_all(partitions)
+            self._log.error("%s; pausing %d partitions", exc, len(touched))
+            self._back_off(fresh, poison, run, held_back, touched)
             return
         claimed_here: dict[str, _Item] = {}
-        for item, claim in zip(all_items, claims):
+        for item, claim in zip(run, claims):
             if claim is ClaimResult.CLAIMED:
                 first = claimed_here.get(item.key)
                 if first is None:
@@ -548,68 +537,63 @@ class Service:
             item.claim = claim
 
         # Per-key order across retry topics: which events must wait behind an earlier one of their key.
-        gated = [i for i in all_items if i.park_key is not None and i.claim is not ClaimResult.BUSY]
+        gated = [i for i in run if i.park_key is not None and i.claim is not ClaimResult.BUSY]
         if gated:
             try:
                 gates = await parking.gate(
                     [(i.park_key, i.envelope.event_id, i.claim is ClaimResult.CLAIMED) for i in gated  # type: ignore[misc]
                      ], settings.done_ttl_ms)
             except IdempotencyError as exc:
-                self._log.error("%s; pausing %d partitions", exc, len(partitions))
-                await self._release([i for i in all_items if i.claim is ClaimResult.CLAIMED], store)
-                self._rewind_all(partitions)
+                self._log.error("%s; pausing %d partitions", exc, len(touched))
+                await self._release([i for i in run if i.claim is ClaimResult.CLAIMED], store)
+                self._back_off(fresh, poison, run, held_back, touched)
                 return
             for item, gate in zip(gated, gates):
                 item.gate = gate
 
         if self._saga_statuses is not None:
-            await self._skip_stopped_sagas(all_items)
+            await self._skip_stopped_sagas(run)
 
-        await asyncio.gather(*(self._run_partition(items) for items in partitions.values()))
+        await self._run_chains(chains)
 
-        # Where each partition stops: at its first record not finished (failed, or held elsewhere).
-        stops: dict[TopicPartition, _Item] = {}
-        for tp, items in partitions.items():
-            for item in items:
+        # A chain stops at its first event not finished (failed, or held elsewhere); that event and
+        # the chain's later ones wait in memory for their turn, and the rest of the partition goes on.
+        now = time.monotonic()
+        for chain in chains:
+            for index, item in enumerate(chain):
                 if item.outcome not in _FINISHED:
-                    stops[tp] = item
+                    item.not_before = now + self._wait_of(item)
+                    held_back.setdefault(_tp(item.record), []).extend(chain[index:])
                     break
-            stop = stops.get(tp)
-            if stop is not None:
-                for item in items:
-                    # Another handler of the stopping record went to a retry topic: the record is
-                    # delivered again, and that handler with it.
-                    if item.record.offset >= stop.record.offset and item.outcome in (_TO_RETRY, _PARKED):
-                        item.outcome = _NOT_RUN
-        dead = self._dead_letters(partitions, poison, stops)
-        retries = self._retry_records(all_items) if self._retry_sources else []
-        outgoing = [r for item in all_items if item.outcome == _OK for r in item.out] + dead + retries
+        dead = self._dead_letters(run, poison)
+        retries = self._retry_records(run) if self._retry_sources else []
+        outgoing = [r for item in run if item.outcome == _OK for r in item.out] + dead + retries
         if retries:
             parks = [(i.park_key, i.envelope.event_id, i.due_ms if i.outcome == _TO_RETRY else 0)
-                     for i in all_items if i.park_key is not None and i.outcome in (_TO_RETRY, _PARKED)]
+                     for i in run if i.park_key is not None and i.outcome in (_TO_RETRY, _PARKED)]
             try:
                 # Before the retry records go out: a head whose record is redelivered may run again.
                 await parking.park(parks, settings.done_ttl_ms)
             except IdempotencyError as exc:
                 self._log.error("%s; the batch will be retried", exc)
-                await self._release([i for i in all_items if i.claim is ClaimResult.CLAIMED], store)
-                self._rewind_all(partitions)
+                await self._release([i for i in run if i.claim is ClaimResult.CLAIMED], store)
+                self._back_off(fresh, poison, run, held_back, touched)
                 return
-        spans = [span for item in all_items if item.spans for span in item.spans]
+        spans = [span for item in run if item.spans for span in item.spans]
         try:
             await transport.send(outgoing)
         except TransportError as exc:
             Tracing.end_all(spans, exc)
             self._log.error("publishing %d records failed: %s; the batch will be retried", len(outgoing), exc)
-            await self._release([i for i in all_items if i.claim is ClaimResult.CLAIMED], store)
-            self._rewind_all(partitions)
+            await self._release([i for i in run if i.claim is ClaimResult.CLAIMED], store)
+            self._back_off(fresh, poison, run, held_back, touched)
             return
 
         if spans:
             Tracing.end_all(spans)
         # A dead-lettered event is released, not done: a replay of it must run the handler again.
-        done = [i.key for i in all_items if i.outcome == _OK]
-        released = [i.key for i in all_items if i.claim is ClaimResult.CLAIMED and i.outcome != _OK]
+        done = [i.key for i in run if i.outcome == _OK]
+        released = [i.key for i in run if i.claim is ClaimResult.CLAIMED and i.outcome != _OK]
         try:
             await store.finish(done, released, self._owner, settings.done_ttl_ms)
             # Heads that are finished for good let the next event of their key run.
@@ -619,43 +603,230 @@ class Service:
         except IdempotencyError as exc:
             # The emitted events are out; the claims expire, and the re-run emits the same ids.
             self._log.error("%s; the batch will be retried", exc)
-            self._rewind_all(partitions)
+            self._back_off(fresh, poison, run, held_back, touched)
             return
 
-        commits: dict[TopicPartition, int] = {}
-        for tp, items in partitions.items():
-            stop = stops.get(tp)
-            if stop is None and tp in waits:
-                offset, wait = waits[tp]
-                commits[tp] = offset  # every record before it in this batch is finished
-                self._pause(tp, offset, wait)
-                continue
-            if stop is None:
-                commits[tp] = ends[tp] + 1
+        for tp in fresh:
+            if tp not in held_back:
                 self._failures.pop(tp, None)
-                continue
-            lowest = min([i.record.offset for i in items] + [r.offset for r, _ in poison.get(tp, [])])
-            if stop.record.offset > lowest:
-                commits[tp] = stop.record.offset
-            if stop.outcome == _BUSY:
-                delay: float | None = 0.2  # another process holds the claim; its lease or finish frees it soon
-            elif isinstance(stop.error, _BreakerOpen):
-                delay = max(0.01, stop.error.retry_in)
-            elif stop.error is not None:
-                delay = stop.delay
-            else:
-                delay = None
-            self._pause(tp, stop.record.offset, delay)
         if self._attempts:  # only batches that saw a failure pay for this walk
-            for item in all_items:
+            for item in run:
                 if item.outcome in _FINISHED:
                     self._attempts.pop((_tp(item.record), item.record.offset, item.sub.name), None)
-        transport.commit(commits)
+        self._carry(held_back, run, touched)
         if self._metrics is not None and self._metrics.enabled:
-            self._count_outcomes(all_items)
-        self.stats.processed += sum(1 for i in all_items if i.outcome == _OK)
-        self.stats.skipped_duplicates += sum(1 for i in all_items if i.outcome == _SKIPPED)
+            self._count_outcomes(run)
+        self.stats.processed += sum(1 for i in run if i.outcome == _OK)
+        self.stats.skipped_duplicates += sum(1 for i in run if i.outcome == _SKIPPED)
         self.stats.emitted += len(outgoing) - len(dead) - len(retries)
+
+    def _decode(
+        self, records: list[Record]
+    ) -> tuple[dict[TopicPartition, list[_Item]], dict[TopicPartition, list[tuple[Record, DecodeError]]],
+               dict[TopicPartition, tuple[int, float | None]]]:
+        """The batch's records as items per partition in offset order, the records that cannot be
+        decoded (dead-lettered in their place), and the partitions that wait from an offset on: a
+        retry record not yet due (for the seconds given), or a writer schema that could not be
+        fetched (None: back off). Every decoded record moves its partition's position on."""
+        wire = self._wire
+        assert wire is not None
+        settings = self.settings
+        prefix = settings.redis_prefix
+        now_ms = self._batch_ms
+        partitions: dict[TopicPartition, list[_Item]] = {}
+        poison: dict[TopicPartition, list[tuple[Record, DecodeError]]] = {}
+        waits: dict[TopicPartition, tuple[int, float | None]] = {}
+        position = self._position
+        stored = self._stored
+        for record in records:
+            tp = (record.topic, record.partition)
+            if tp in self._resume_at or tp in waits:
+                continue  # waiting: it will be fetched again from the offset it waits at
+            if tp not in stored:
+                stored[tp] = record.offset  # where reading started: committed already
+            route = self._by_topic.get(record.topic)
+            if route is None:
+                continue  # not ours (cannot happen with a subscription per topic)
+            cls, subs = route
+            state: RetryState | None = None
+            if record.topic in self._retry_sources:
+                try:
+                    state = RetryState.read(record.headers)
+                except ValueError as exc:
+                    poison.setdefault(tp, []).append((record, DecodeError(str(exc), reason="bad-retry-headers")))
+                    position[tp] = record.offset + 1
+                    continue
+                if state.due_ms > now_ms:
+                    waits[tp] = (record.offset, (state.due_ms - now_ms) / 1000)
+                    continue
+                subs = [sub for sub in subs if sub.name in state.handlers]
+                if not subs:
+                    error = DecodeError(f"no handler named {', '.join(state.handlers)} (renamed while the event "
+                                        "waited for a retry?)", reason="unknown-handler")
+                    poison.setdefault(tp, []).append((record, error))
+                    position[tp] = record.offset + 1
+                    continue
+            try:
+                envelope, event = wire.decode(record, cls)
+            except DecodeError as exc:
+                poison.setdefault(tp, []).append((record, exc))
+                position[tp] = record.offset + 1
+                continue
+            except TransportError as exc:
+                self._log.warning("cannot fetch a writer schema for %s [%d] offset %d: %s; will retry",
+                                  record.topic, record.partition, record.offset, exc)
+                waits[tp] = (record.offset, None)
+                continue
+            position[tp] = record.offset + 1
+            items = partitions.setdefault(tp, [])
+            origin_topic = record.topic if state is None else state.origin[0]
+            for sub in subs:
+                key = idempotency_key(prefix, self.name, sub.name, envelope.correlation_id, envelope.event_id)
+                item = _Item(record, envelope, event, sub, key, retry=state)
+                if (record.key is not None and settings.retry_tiers and (sub.retry or self.retry).ordered
+                        and (sub.ordering or settings.ordering) != "unordered"):
+                    item.park_key = park_key(prefix, self.group, sub.name, origin_topic, record.key)
+                items.append(item)
+        return partitions, poison, waits
+
+    def _plan(
+        self, fresh: dict[TopicPartition, list[_Item]]
+    ) -> tuple[list[list[_Item]], dict[TopicPartition, list[_Item]]]:
+        """This batch's chains, and the events that wait in memory instead of running now.
+
+        A chain holds the events that must run one after another: those of one handler and record
+        key in a partition (``ordering="key"``), of one handler in a partition (``"partition"``), or
+        one event alone (``"unordered"``); records without a key keep partition order. Events held
+        over from earlier batches come first, in offset order. A chain whose first held event is not
+        due yet waits whole, new events included."""
+        default = self.settings.ordering
+        now = time.monotonic()
+        chains: dict[object, list[_Item] | None] = {}  # None: the chain waits this batch
+        held_back: dict[TopicPartition, list[_Item]] = {}
+        order: list[list[_Item]] = []
+        for tp, held in list(self._carried.items()):
+            for item in held:
+                cid = _chain_id(tp, item, item.sub.ordering or default)
+                if cid not in chains:
+                    chain = chains[cid] = None if item.not_before > now else []
+                    if chain is not None:
+                        order.append(chain)
+                else:
+                    chain = chains[cid]
+                if chain is None:
+                    held_back.setdefault(tp, []).append(item)
+                else:
+                    chain.append(item._reset())
+        for tp, items in fresh.items():
+            for item in items:
+                cid = _chain_id(tp, item, item.sub.ordering or default)
+                if cid not in chains:
+                    chain = chains[cid] = []
+                    order.append(chain)
+                else:
+                    chain = chains[cid]
+                if chain is None:
+                    held_back.setdefault(tp, []).append(item)
+                else:
+                    chain.append(item)
+        return order, held_back
+
+    async def _run_chains(self, chains: list[list[_Item]]) -> None:
+        """Run the chains, at most ``Settings.concurrency`` handler calls at a time: a few workers
+        (not a task per event) each take the next chain and run it through."""
+        width = min(self.settings.concurrency, len(chains))
+        if width <= 1:
+            for chain in chains:
+                await self._run_chain(chain)
+            return
+        queue = iter(chains)  # shared: each worker's next() takes a chain no other worker has
+
+        async def worker() -> None:
+            for chain in queue:
+                await self._run_chain(chain)
+
+        await asyncio.gather(*(worker() for _ in range(width)))
+
+    def _wait_of(self, item: _Item) -> float:
+        """Seconds before an unfinished event runs again."""
+        if item.outcome == _BUSY:
+            return 0.2  # another process holds the claim; its lease or finish frees it soon
+        if isinstance(item.error, _BreakerOpen):
+            return max(0.01, item.error.retry_in)
+        if item.error is not None:
+            return item.delay
+        return 0.0  # behind an unfinished event of its chain: it goes when that one does
+
+    def _carry(self, held_back: dict[TopicPartition, list[_Item]], run: list[_Item],
+               touched: set[TopicPartition]) -> None:
+        """Keep the unfinished events for a later batch, store each touched partition's offset (its
+        lowest unfinished event, or past its last record), and apply backpressure."""
+        carried = self._carried
+        for tp in touched:
+            items = held_back.get(tp)
+            if items:
+                items.sort(key=_offset_of)
+                carried[tp] = items
+            else:
+                carried.pop(tp, None)
+        commits: dict[TopicPartition, int] = {}
+        stored = self._stored
+        for tp in touched:
+            items = carried.get(tp)
+            offset = items[0].record.offset if items else self._position.get(tp)
+            if offset is not None and offset > stored.get(tp, -1):
+                commits[tp] = stored[tp] = offset
+        if commits:
+            self._require_transport().commit(commits)
+        buffered = sum(len(items) for items in carried.values())
+        self._buffered = buffered
+        bound = self.settings.max_buffered
+        if buffered >= bound:
+            full = [tp for tp in carried if tp not in self._backpressured]
+            if full:
+                self._backpressured.update(full)
+                self._require_transport().pause(full)
+                self._log.warning("%d events wait in memory (bound %d): pausing %d partitions until they drain",
+                                  buffered, bound, len(full))
+        elif self._backpressured and buffered <= bound // 2:
+            drained = [tp for tp in self._backpressured if tp not in self._resume_at]
+            self._backpressured.clear()
+            self._require_transport().resume(drained)
+            self._log.info("%d events wait in memory: resuming %d partitions", buffered, len(drained))
+
+    def _back_off(self, fresh: dict[TopicPartition, list[_Item]],
+                  poison: dict[TopicPartition, list[tuple[Record, DecodeError]]], run: list[_Item],
+                  held_back: dict[TopicPartition, list[_Item]], touched: set[TopicPartition]) -> None:
+        """A store or broker call failed: nothing of this batch happened. Its new records are fetched
+        again after a backoff; events held over from earlier batches wait as long in memory."""
+        first_new = {tp: items[0].record.offset for tp, items in fresh.items() if items}
+        for tp, bad in poison.items():  # a dead letter not sent is a record not finished
+            first_new[tp] = min(first_new.get(tp, bad[0][0].offset), bad[0][0].offset)
+        for tp, offset in first_new.items():
+            self._pause(tp, offset, None)
+            self._position[tp] = offset
+        wait = {tp: self._resume_at.get(tp, 0.0) for tp in touched}
+        again: dict[TopicPartition, list[_Item]] = {}
+        fresh_ids = {id(i) for items in fresh.values() for i in items}
+        for item in run + [i for items in held_back.values() for i in items]:
+            if id(item) in fresh_ids:
+                continue
+            tp = _tp(item.record)
+            if tp not in wait or not wait[tp]:
+                failures = self._failures.get(tp, 0) + 1
+                self._failures[tp] = failures
+                wait[tp] = time.monotonic() + min(self.settings.max_backoff_ms / 1000, 0.1 * 2 ** (failures - 1))
+            item.not_before = max(item.not_before, wait[tp])
+            item._reset()
+            again.setdefault(tp, []).append(item)
+        for tp in touched:
+            items = again.get(tp)
+            if items:
+                items.sort(key=_offset_of)
+                self._carried[tp] = items
+            else:
+                self._carried.pop(tp, None)
+        self._buffered = sum(len(items) for items in self._carried.values())
 
     def _count_outcomes(self, items: list[_Item]) -> None:
         assert self._metrics is not None
@@ -668,22 +839,15 @@ class Service:
         for (handler, event_type, outcome), n in counts.items():
             self._metrics.counted(handler, event_type, outcome, n)
 
-    def _dead_letters(
-        self,
-        partitions: dict[TopicPartition, list[_Item]],
-        poison: dict[TopicPartition, list[tuple[Record, DecodeError]]],
-        stops: dict[TopicPartition, _Item],
-    ) -> list[OutgoingRecord]:
+    def _dead_letters(self, run: list[_Item], poison: dict[TopicPartition, list[tuple[Record, DecodeError]]]
+                      ) -> list[OutgoingRecord]:
         """Dead-letter records (and ``CompensationFailed`` events) for this batch's finished failures.
 
         An event that failed in a retry topic is dead-lettered as its original record: topic,
         partition, offset and headers as first consumed, so ``choreo dlq replay`` sends it back there."""
         out: list[OutgoingRecord] = []
         for tp, bad in poison.items():
-            stop = stops.get(tp)
             for record, exc in bad:
-                if stop is not None and record.offset > stop.record.offset:
-                    continue  # behind a record still in retry: it is fetched and judged again later
                 failure = Failure(exc.reason, type(exc).__name__, str(exc))
                 original = _origin(record)
                 self._log.error(
@@ -695,35 +859,34 @@ class Service:
                 if self._metrics is not None and self._metrics.enabled:
                     self._metrics.counted("", "undecodable", "dead_lettered")
         # A dead item always has a recorded attempt: without any, the per-item walk is skipped.
-        for items in partitions.values() if self._attempts else ():
-            for item in items:
-                if item.outcome != _DEAD:
-                    continue
-                assert item.error is not None
-                attempts, since = self._attempts.get((_tp(item.record), item.record.offset, item.sub.name), (1, ""))
-                failure = Failure.from_exception("handler-error", item.error, handler=item.sub.name,
-                                                 attempts=attempts, first_failure=since)
-                rec = _origin(item.record, item.retry)
-                with event_context(service=self.name, handler=item.sub.name, event_id=item.envelope.event_id,
-                                   saga_id=item.envelope.correlation_id, trace_id=trace_id_of(rec.headers)):
-                    self._log.error(
-                        "handler %s gave up on %s [%d] offset %d (event %s) after %d attempt(s): %s: %s; sent to %s",
-                        item.sub.name, rec.topic, rec.partition, rec.offset, item.envelope.event_id, attempts,
-                        failure.error_type, failure.error, dead_letter_topic(rec.topic),
-                    )
-                out.append(dead_letter(rec, failure, service=self.name))
-                self.stats.dead_lettered.append((rec.topic, rec.partition, rec.offset, "handler-error"))
-                if item.sub.compensation:
-                    assert self._wire is not None
-                    env = item.envelope
-                    out.append(self._wire.encode(
-                        CompensationFailed(saga_id=env.correlation_id, service=self.name, handler=item.sub.name,
-                                           error=f"{failure.error_type}: {failure.error}"[:1000]),
-                        event_id=derive_event_id(env.event_id, f"{item.sub.name}/compensation-failed", 0),
-                        correlation_id=env.correlation_id, causation_id=env.event_id, occurred_at=self._batch_time,
-                    ))
-                    # It belongs to the saga's trace: carry the failed event's trace context on.
-                    out[-1].headers.extend((k, v) for k, v in rec.headers if k in ("traceparent", "tracestate"))
+        for item in run if self._attempts else ():
+            if item.outcome != _DEAD:
+                continue
+            assert item.error is not None
+            attempts, since = self._attempts.get((_tp(item.record), item.record.offset, item.sub.name), (1, ""))
+            failure = Failure.from_exception("handler-error", item.error, handler=item.sub.name,
+                                             attempts=attempts, first_failure=since)
+            rec = _origin(item.record, item.retry)
+            with event_context(service=self.name, handler=item.sub.name, event_id=item.envelope.event_id,
+                               saga_id=item.envelope.correlation_id, trace_id=trace_id_of(rec.headers)):
+                self._log.error(
+                    "handler %s gave up on %s [%d] offset %d (event %s) after %d attempt(s): %s: %s; sent to %s",
+                    item.sub.name, rec.topic, rec.partition, rec.offset, item.envelope.event_id, attempts,
+                    failure.error_type, failure.error, dead_letter_topic(rec.topic),
+                )
+            out.append(dead_letter(rec, failure, service=self.name))
+            self.stats.dead_lettered.append((rec.topic, rec.partition, rec.offset, "handler-error"))
+            if item.sub.compensation:
+                assert self._wire is not None
+                env = item.envelope
+                out.append(self._wire.encode(
+                    CompensationFailed(saga_id=env.correlation_id, service=self.name, handler=item.sub.name,
+                                       error=f"{failure.error_type}: {failure.error}"[:1000]),
+                    event_id=derive_event_id(env.event_id, f"{item.sub.name}/compensation-failed", 0),
+                    correlation_id=env.correlation_id, causation_id=env.event_id, occurred_at=self._batch_time,
+                ))
+                # It belongs to the saga's trace: carry the failed event's trace context on.
+                out[-1].headers.extend((k, v) for k, v in rec.headers if k in ("traceparent", "tracestate"))
         return out
 
     def _retry_records(self, items: list[_Item]) -> list[OutgoingRecord]:
@@ -769,11 +932,12 @@ class Service:
                 self._log.info("not running %s for saga %s: it is %s", item.sub.name,
                                item.envelope.correlation_id, status)
 
-    async def _run_partition(self, items: list[_Item]) -> None:
+    async def _run_chain(self, items: list[_Item]) -> None:
+        """Run a chain's events one after another, stopping at the first that does not finish."""
         wire = self._wire
         tracing = self._tracing
         assert wire is not None and tracing is not None
-        # Keys whose earlier event in this batch went to a retry topic or was parked, with the time
+        # Keys whose earlier event in this chain went to a retry topic or was parked, with the time
         # that event is due: the key's later events here are parked behind it.
         held: dict[str, int] = {}
         for item in items:
@@ -784,7 +948,7 @@ class Service:
                 first = item.copy_of
                 if first is not None and first.outcome in _FINISHED and (
                         first.record.topic, first.record.partition) == (item.record.topic, item.record.partition):
-                    # The copy's first delivery was handled earlier in this partition (done, sent on to a
+                        # The copy's first delivery was handled earlier in this partition (done, sent on to a
                     # retry topic, parked or dead-lettered): this one is a duplicate.
                     item.outcome = _SKIPPED
                     continue
@@ -981,11 +1145,6 @@ class Service:
         transport.pause([tp])
         self._resume_at[tp] = time.monotonic() + delay
 
-    def _rewind_all(self, partitions: dict[TopicPartition, list[_Item]]) -> None:
-        for tp, items in partitions.items():
-            if items:
-                self._pause(tp, items[0].record.offset, None)
-
     async def _release(self, items: list[_Item], store: IdempotencyStore) -> None:
         try:
             await store.finish([], [i.key for i in items], self._owner, self.settings.done_ttl_ms)
@@ -1005,6 +1164,19 @@ class Service:
 
 def _tp(record: Record) -> TopicPartition:
     return (record.topic, record.partition)
+
+
+def _offset_of(item: _Item) -> int:
+    return item.record.offset
+
+
+def _chain_id(tp: TopicPartition, item: _Item, ordering: str) -> object:
+    """Events with the same id run one after another (see ``Service._plan``)."""
+    if ordering == "unordered":
+        return id(item)
+    if ordering == "key" and item.record.key is not None:
+        return (tp, item.sub.name, item.record.key)
+    return (tp, item.sub.name)
 
 
 def _origin(record: Record, state: RetryState | None = None) -> Record:

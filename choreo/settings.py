@@ -55,6 +55,19 @@ class Settings(BaseModel):
     topic_replication: int = Field(default=-1, ge=-1, le=32)
 
     batch_size: int = Field(default=500, ge=1, le=100_000)
+    #: Handler calls in flight at once in one service process, across all its partitions. Events of
+    #: one key (with ``ordering="key"``) still run one after another.
+    concurrency: int = Field(default=64, ge=1, le=10_000)
+    #: The default order handlers keep: ``key`` (events of one record key in offset order, different
+    #: keys concurrently), ``partition`` (one event at a time per partition) or ``unordered``.
+    ordering: Literal["key", "partition", "unordered"] = "key"
+    #: Events a service holds in memory besides the batch in hand: those waiting behind an earlier
+    #: event of their key (a retry, a claim held elsewhere). At the bound, the partitions holding
+    #: them stop fetching until they drain below half of it.
+    max_buffered: int = Field(default=10_000, ge=1, le=10_000_000)
+    #: librdkafka's prefetch queue (``queued.max.messages.kbytes``): records fetched ahead of the
+    #: batch in hand, so memory stays bounded whatever the backlog.
+    fetch_buffer_kb: int = Field(default=16_384, ge=1, le=2_097_151)
     fetch_wait_ms: int = Field(default=10, ge=0, le=60_000)
     # Kafka's defaults are 45 s / 3 s; these make a group join take seconds, also on Tansu.
     session_timeout_ms: int = Field(default=6_000, ge=1_000)

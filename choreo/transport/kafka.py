@@ -183,6 +183,8 @@ class KafkaTransport:
                 "heartbeat.interval.ms": s.heartbeat_interval_ms,
                 "fetch.wait.max.ms": s.fetch_wait_ms,
                 "enable.partition.eof": False,
+                # Prefetching stops at this many kilobytes, so a backlog of millions costs no memory.
+                "queued.max.messages.kbytes": s.fetch_buffer_kb,
             }
         )
         self._consumer.subscribe(
