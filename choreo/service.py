@@ -25,6 +25,7 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import math
 import os
 import socket
 import time
@@ -67,6 +68,7 @@ log = logging.getLogger("choreo.service")
 H = TypeVar("H", bound=Handler)
 
 _OK, _SKIPPED, _FAILED, _BUSY, _NOT_RUN, _DEAD, _TO_RETRY, _PARKED = range(8)
+_BEHIND = math.inf
 # Outcomes counted once their batch is committed (failed attempts and retries are counted as they happen).
 _OUTCOME_NAMES = {_OK: "ok", _SKIPPED: "skipped", _DEAD: "dead_lettered", _PARKED: "parked"}
 # Outcomes after which the offset may move on: a retried or parked event lives on in a retry topic.
@@ -92,7 +94,12 @@ class _Item:
     delay: float = 0.0  # the backoff before the next attempt, once it failed
     due_ms: int = 0  # when its retry record may run (epoch ms)
     spans: list[Any] = field(default_factory=list)  # producer spans of its emitted events, ended on ack
-    not_before: float = 0.0  # held over to a later batch: when it may run again (monotonic s)
+    #: Held over to a later batch: when it may run again (monotonic s), or ``_BEHIND`` an earlier
+    #: event of its chain, with which it goes.
+    not_before: float = 0.0
+    #: The worker still running its handler after its batch went on (see ``Settings.slow_handler_ms``).
+    task: asyncio.Task[None] | None = None
+    orphan: bool = False  # its partition was revoked while its handler ran
 
     def _reset(self) -> _Item:
         """Forget the outcome of a run, for an event held over to a later batch."""
@@ -172,6 +179,10 @@ class Service:
         # Partitions paused because too many events wait in memory (Settings.max_buffered).
         self._backpressured: set[TopicPartition] = set()
         self._buffered = 0
+        self._due_at: float | None = None  # the earliest not_before of the held-over events
+        # Handler calls that outlived their batch, by chain: each holds back its chain until settled.
+        self._late: dict[object, _Item] = {}
+        self._draining = False
         self.stats = ServiceStats()
         self._log = logging.getLogger(f"choreo.service.{name}")
         self._started = False
@@ -399,8 +410,22 @@ class Service:
                 await self.start()
             while not self._stop_requested and not (until and until()):
                 await self.poll_once()
+            await self._settle_late()
         finally:
             await self.close()
+
+    async def _settle_late(self) -> None:
+        """On the way out: wait for late handler calls (up to ``shutdown_timeout_s``) and make their
+        outcome durable, starting nothing new."""
+        if not self._late:
+            return
+        tasks = {i.task for i in self._late.values() if i.task is not None}
+        _, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_timeout_s)
+        if pending:
+            self._log.warning("%d handler calls still running after %.0f s; their claims expire by themselves",
+                              len(pending), self.settings.shutdown_timeout_s)
+        self._draining = True
+        await self._process([])
 
     async def poll_once(self, timeout: float = 0.1) -> int:
         """Fetch one batch and process it, with the held-over events now due; returns the number of
@@ -410,8 +435,11 @@ class Service:
         due_in = self._next_due()
         if due_in is not None:
             timeout = min(timeout, due_in)
+        if self._late:
+            timeout = min(timeout, 0.01)  # settle late calls soon after they finish
         records = await transport.fetch(self.settings.batch_size, timeout)
-        if not records and (due_in is None or self._next_due() != 0.0):
+        if not records and (due_in is None or self._next_due() != 0.0) and not any(
+                i.task is not None and i.task.done() for i in self._late.values()):
             return 0
         metrics = self._metrics
         if metrics is not None and metrics.enabled:
@@ -429,13 +457,22 @@ class Service:
         return len(records)
 
     def _next_due(self) -> float | None:
-        """Seconds until the first held-over event may run (0.0: now), or None if none is held."""
-        if not self._carried:
+        """Seconds until the first held-over event may run (0.0: now), or None if none is held
+        (events behind a running late call are not due until it is settled)."""
+        if self._due_at is None:
             return None
-        first = min(items[0].not_before for items in self._carried.values())
-        return max(0.0, first - time.monotonic())
+        return max(0.0, self._due_at - time.monotonic())
+
+    def _held_changed(self) -> None:
+        self._buffered = sum(len(items) for items in self._carried.values())
+        due = [i.not_before for items in self._carried.values() for i in items if i.not_before != _BEHIND]
+        self._due_at = min(due) if due else None
 
     async def close(self) -> None:
+        for item in self._late.values():  # closed without run()'s settling: nothing to wait for
+            if item.task is not None:
+                item.task.cancel()
+        self._late.clear()
         if self._transport is not None:
             await self._transport.close()
         if self._store is not None:
@@ -477,7 +514,13 @@ class Service:
             self._stored.pop(tp, None)
             self._backpressured.discard(tp)
             dropped += len(self._carried.pop(tp, ()))
-        self._buffered = sum(len(items) for items in self._carried.values())
+        self._held_changed()
+        # A late call goes on: once it finishes, its emitted events are sent and its key is marked
+        # done, so the next owner (kept waiting by the claim meanwhile) skips it instead of running
+        # it twice; only its offset is left to that owner.
+        for item in self._late.values():
+            if _tp(item.record) in gone:
+                item.orphan = True
         self._attempts = {k: v for k, v in self._attempts.items() if k[0] not in gone}
         self._log.info("revoked %s%s", sorted(partitions),
                        f" ({dropped} unfinished events left to their next owner)" if dropped else "")
@@ -512,9 +555,13 @@ class Service:
             self._pause(tp, offset, wait)
             self._position[tp] = offset
         touched = set(fresh) | set(poison) | set(waits) | set(self._carried)
-        chains, held_back = self._plan(fresh)
+        chains, held_back, late = self._plan(fresh)
+        touched.update(_tp(i.record) for i in late)
         run = [item for chain in chains for item in chain]
-        if not run and not poison:
+        # Everything whose outcome this batch makes durable: what it runs, and the late calls of
+        # earlier batches that have finished since.
+        settled = run + late
+        if not settled and not poison:
             self._carry(held_back, [], touched)
             return
 
@@ -522,7 +569,7 @@ class Service:
             claims = await store.claim([i.key for i in run], self._owner, settings.claim_lease_ms) if run else []
         except IdempotencyError as exc:
             self._log.error("%s; pausing %d partitions", exc, len(touched))
-            self._back_off(fresh, poison, run, held_back, touched)
+            self._back_off(fresh, poison, settled, held_back, touched)
             return
         claimed_here: dict[str, _Item] = {}
         for item, claim in zip(run, claims):
@@ -545,8 +592,8 @@ class Service:
                      ], settings.done_ttl_ms)
             except IdempotencyError as exc:
                 self._log.error("%s; pausing %d partitions", exc, len(touched))
-                await self._release([i for i in run if i.claim is ClaimResult.CLAIMED], store)
-                self._back_off(fresh, poison, run, held_back, touched)
+                await self._release(self._claimed(run), store)
+                self._back_off(fresh, poison, settled, held_back, touched)
                 return
             for item, gate in zip(gated, gates):
                 item.gate = gate
@@ -555,70 +602,87 @@ class Service:
             await self._skip_stopped_sagas(run)
 
         await self._run_chains(chains)
+        if self._late:
+            # A call that outlived the batch is settled by a later one: its outcome may change at
+            # any await from here on, so nothing below may look at it.
+            settled = [i for i in run if i.task is None] + late
 
         # A chain stops at its first event not finished (failed, or held elsewhere); that event and
         # the chain's later ones wait in memory for their turn, and the rest of the partition goes on.
+        # A late call stays with its worker; the events behind it wait in memory.
         now = time.monotonic()
-        for chain in chains:
+        for chain in chains + [[i] for i in late]:
             for index, item in enumerate(chain):
                 if item.outcome not in _FINISHED:
+                    for follower in chain[index + 1:]:
+                        follower.not_before = _BEHIND
+                    if item.task is not None:  # running on: it stays with its worker
+                        held_back.setdefault(_tp(item.record), []).extend(chain[index + 1:])
+                        break
+                    if item.orphan:
+                        break  # its partition is gone: its next owner runs it
                     item.not_before = now + self._wait_of(item)
                     held_back.setdefault(_tp(item.record), []).extend(chain[index:])
                     break
-        dead = self._dead_letters(run, poison)
-        retries = self._retry_records(run) if self._retry_sources else []
-        outgoing = [r for item in run if item.outcome == _OK for r in item.out] + dead + retries
+        dead = self._dead_letters(settled, poison)
+        retries = self._retry_records(settled) if self._retry_sources else []
+        outgoing = [r for item in settled if item.outcome == _OK for r in item.out] + dead + retries
         if retries:
             parks = [(i.park_key, i.envelope.event_id, i.due_ms if i.outcome == _TO_RETRY else 0)
-                     for i in run if i.park_key is not None and i.outcome in (_TO_RETRY, _PARKED)]
+                     for i in settled if i.park_key is not None and i.outcome in (_TO_RETRY, _PARKED)]
             try:
                 # Before the retry records go out: a head whose record is redelivered may run again.
                 await parking.park(parks, settings.done_ttl_ms)
             except IdempotencyError as exc:
                 self._log.error("%s; the batch will be retried", exc)
-                await self._release([i for i in run if i.claim is ClaimResult.CLAIMED], store)
-                self._back_off(fresh, poison, run, held_back, touched)
+                await self._release(self._claimed(settled), store)
+                self._back_off(fresh, poison, settled, held_back, touched)
                 return
-        spans = [span for item in run if item.spans for span in item.spans]
+        spans = [span for item in settled if item.spans for span in item.spans]
         try:
             await transport.send(outgoing)
         except TransportError as exc:
             Tracing.end_all(spans, exc)
             self._log.error("publishing %d records failed: %s; the batch will be retried", len(outgoing), exc)
-            await self._release([i for i in run if i.claim is ClaimResult.CLAIMED], store)
-            self._back_off(fresh, poison, run, held_back, touched)
+            await self._release(self._claimed(settled), store)
+            self._back_off(fresh, poison, settled, held_back, touched)
             return
 
         if spans:
             Tracing.end_all(spans)
         # A dead-lettered event is released, not done: a replay of it must run the handler again.
-        done = [i.key for i in run if i.outcome == _OK]
-        released = [i.key for i in run if i.claim is ClaimResult.CLAIMED and i.outcome != _OK]
+        done = [i.key for i in settled if i.outcome == _OK]
+        released = [i.key for i in self._claimed(settled) if i.outcome != _OK]
         try:
             await store.finish(done, released, self._owner, settings.done_ttl_ms)
             # Heads that are finished for good let the next event of their key run.
-            await parking.unpark([(i.park_key, i.envelope.event_id) for i in gated  # type: ignore[misc]
-                                  if i.gate is not None and i.gate.result is GateResult.HEAD
-                                  and i.outcome in (_OK, _SKIPPED, _DEAD)])
+            await parking.unpark([(i.park_key, i.envelope.event_id) for i in settled
+                                  if i.park_key is not None and i.gate is not None
+                                  and i.gate.result is GateResult.HEAD and i.outcome in (_OK, _SKIPPED, _DEAD)])
         except IdempotencyError as exc:
             # The emitted events are out; the claims expire, and the re-run emits the same ids.
             self._log.error("%s; the batch will be retried", exc)
-            self._back_off(fresh, poison, run, held_back, touched)
+            self._back_off(fresh, poison, settled, held_back, touched)
             return
 
         for tp in fresh:
             if tp not in held_back:
                 self._failures.pop(tp, None)
         if self._attempts:  # only batches that saw a failure pay for this walk
-            for item in run:
+            for item in settled:
                 if item.outcome in _FINISHED:
                     self._attempts.pop((_tp(item.record), item.record.offset, item.sub.name), None)
-        self._carry(held_back, run, touched)
+        self._carry(held_back, settled, touched)
         if self._metrics is not None and self._metrics.enabled:
-            self._count_outcomes(run)
-        self.stats.processed += sum(1 for i in run if i.outcome == _OK)
-        self.stats.skipped_duplicates += sum(1 for i in run if i.outcome == _SKIPPED)
+            self._count_outcomes(settled)
+        self.stats.processed += sum(1 for i in settled if i.outcome == _OK)
+        self.stats.skipped_duplicates += sum(1 for i in settled if i.outcome == _SKIPPED)
         self.stats.emitted += len(outgoing) - len(dead) - len(retries)
+
+    @staticmethod
+    def _claimed(items: list[_Item]) -> list[_Item]:
+        """The items whose claim this process holds and may give back: not those still running."""
+        return [i for i in items if i.claim is ClaimResult.CLAIMED and i.task is None]
 
     def _decode(
         self, records: list[Record]
@@ -691,29 +755,52 @@ class Service:
 
     def _plan(
         self, fresh: dict[TopicPartition, list[_Item]]
-    ) -> tuple[list[list[_Item]], dict[TopicPartition, list[_Item]]]:
+    ) -> tuple[list[list[_Item]], dict[TopicPartition, list[_Item]], list[_Item]]:
         """This batch's chains, and the events that wait in memory instead of running now.
 
         A chain holds the events that must run one after another: those of one handler and record
         key in a partition (``ordering="key"``), of one handler in a partition (``"partition"``), or
         one event alone (``"unordered"``); records without a key keep partition order. Events held
         over from earlier batches come first, in offset order. A chain whose first held event is not
-        due yet waits whole, new events included."""
+        due yet waits whole, new events included, and so does a chain whose late call still runs.
+        Late calls that have finished are returned, to be settled with this batch."""
         default = self.settings.ordering
         now = time.monotonic()
         chains: dict[object, list[_Item] | None] = {}  # None: the chain waits this batch
         held_back: dict[TopicPartition, list[_Item]] = {}
         order: list[list[_Item]] = []
+        late: list[_Item] = []
+        settled: set[object] = set()  # chains whose late call has finished: their followers may go
+        for cid, item in list(self._late.items()):
+            assert item.task is not None
+            if not item.task.done():
+                chains[cid] = None
+                continue
+            del self._late[cid]
+            item.task.result()  # a bug of ours, not a handler's failure: let it surface
+            item.task = None
+            late.append(item)
+            if item.outcome not in _FINISHED:
+                chains[cid] = None  # it waits again (see _process); its chain waits behind it
+            else:
+                settled.add(cid)
+        draining = self._draining
         for tp, held in list(self._carried.items()):
             for item in held:
                 cid = _chain_id(tp, item, item.sub.ordering or default)
                 if cid not in chains:
-                    chain = chains[cid] = None if item.not_before > now else []
+                    # The chain's first held event decides: due, or a follower of a settled call.
+                    due = item.not_before <= now or (item.not_before == _BEHIND and cid in settled)
+                    chain = chains[cid] = [] if due and not draining else None
                     if chain is not None:
                         order.append(chain)
+                    else:
+                        held_back.setdefault(tp, []).append(item)
+                        continue
                 else:
                     chain = chains[cid]
                 if chain is None:
+                    item.not_before = _BEHIND
                     held_back.setdefault(tp, []).append(item)
                 else:
                     chain.append(item._reset())
@@ -721,31 +808,60 @@ class Service:
             for item in items:
                 cid = _chain_id(tp, item, item.sub.ordering or default)
                 if cid not in chains:
-                    chain = chains[cid] = []
-                    order.append(chain)
+                    chain = chains[cid] = None if draining else []
+                    if chain is not None:
+                        order.append(chain)
                 else:
                     chain = chains[cid]
                 if chain is None:
+                    item.not_before = _BEHIND
                     held_back.setdefault(tp, []).append(item)
                 else:
                     chain.append(item)
-        return order, held_back
+        return order, held_back, late
 
     async def _run_chains(self, chains: list[list[_Item]]) -> None:
         """Run the chains, at most ``Settings.concurrency`` handler calls at a time: a few workers
-        (not a task per event) each take the next chain and run it through."""
-        width = min(self.settings.concurrency, len(chains))
-        if width <= 1:
+        (not a task per event) each take the next chain and run it through.
+
+        After ``Settings.slow_handler_ms`` the batch goes on: workers start nothing more, and a call
+        still running finishes in the background as a late item that holds back its chain."""
+        settings = self.settings
+        if settings.concurrency == 1:
             for chain in chains:
-                await self._run_chain(chain)
+                await self._run_chain(chain, None)
             return
+        width = min(settings.concurrency - len(self._late), len(chains))
+        if width <= 0:
+            return  # every slot is taken by slow calls of earlier batches: these chains wait
+        phase = _Phase()
         queue = iter(chains)  # shared: each worker's next() takes a chain no other worker has
 
-        async def worker() -> None:
+        async def worker(slot: int) -> None:
             for chain in queue:
-                await self._run_chain(chain)
+                await self._run_chain(chain, phase, slot)
+                if phase.cutoff:
+                    return
 
-        await asyncio.gather(*(worker() for _ in range(width)))
+        tasks = [asyncio.create_task(worker(slot)) for slot in range(width)]
+        _, pending = await asyncio.wait(tasks, timeout=settings.slow_handler_ms / 1000)
+        if not pending:
+            for task in tasks:
+                task.result()  # a bug of ours, not a handler's failure: let it surface
+            return
+        phase.cutoff = True
+        default = settings.ordering
+        for slot, task in enumerate(tasks):
+            if task.done():
+                task.result()
+                continue
+            item = phase.current.get(slot)
+            if item is None:
+                continue  # between two calls: it sees the cutoff and ends without starting one
+            item.task = task
+            self._late[_chain_id(_tp(item.record), item, item.sub.ordering or default)] = item
+        if self._late:
+            self._log.debug("%d handler calls outlived their batch; their keys wait for them", len(self._late))
 
     def _wait_of(self, item: _Item) -> float:
         """Seconds before an unfinished event runs again."""
@@ -771,15 +887,21 @@ class Service:
                 carried.pop(tp, None)
         commits: dict[TopicPartition, int] = {}
         stored = self._stored
+        running: dict[TopicPartition, int] = {}
+        for item in self._late.values():  # a call still running is an unfinished event too
+            tp = _tp(item.record)
+            running[tp] = min(running.get(tp, item.record.offset), item.record.offset)
         for tp in touched:
             items = carried.get(tp)
             offset = items[0].record.offset if items else self._position.get(tp)
+            if offset is not None and tp in running:
+                offset = min(offset, running[tp])
             if offset is not None and offset > stored.get(tp, -1):
                 commits[tp] = stored[tp] = offset
         if commits:
             self._require_transport().commit(commits)
-        buffered = sum(len(items) for items in carried.values())
-        self._buffered = buffered
+        self._held_changed()
+        buffered = self._buffered
         bound = self.settings.max_buffered
         if buffered >= bound:
             full = [tp for tp in carried if tp not in self._backpressured]
@@ -809,7 +931,7 @@ class Service:
         again: dict[TopicPartition, list[_Item]] = {}
         fresh_ids = {id(i) for items in fresh.values() for i in items}
         for item in run + [i for items in held_back.values() for i in items]:
-            if id(item) in fresh_ids:
+            if id(item) in fresh_ids or item.orphan:
                 continue
             tp = _tp(item.record)
             if tp not in wait or not wait[tp]:
@@ -826,7 +948,7 @@ class Service:
                 self._carried[tp] = items
             else:
                 self._carried.pop(tp, None)
-        self._buffered = sum(len(items) for items in self._carried.values())
+        self._held_changed()
 
     def _count_outcomes(self, items: list[_Item]) -> None:
         assert self._metrics is not None
@@ -932,15 +1054,19 @@ class Service:
                 self._log.info("not running %s for saga %s: it is %s", item.sub.name,
                                item.envelope.correlation_id, status)
 
-    async def _run_chain(self, items: list[_Item]) -> None:
-        """Run a chain's events one after another, stopping at the first that does not finish."""
+    async def _run_chain(self, items: list[_Item], phase: _Phase | None, slot: int = 0) -> None:
+        """Run a chain's events one after another, stopping at the first that does not finish (or
+        before the next one, once its batch went on without this worker)."""
         wire = self._wire
         tracing = self._tracing
         assert wire is not None and tracing is not None
         # Keys whose earlier event in this chain went to a retry topic or was parked, with the time
         # that event is due: the key's later events here are parked behind it.
         held: dict[str, int] = {}
+        current = phase.current if phase is not None else None
         for item in items:
+            if phase is not None and phase.cutoff:
+                return
             if item.claim is ClaimResult.DONE:
                 item.outcome = _SKIPPED
                 continue
@@ -996,11 +1122,15 @@ class Service:
             with event_context(service=self.name, handler=item.sub.name, event_id=env.event_id,
                                saga_id=env.correlation_id, trace_id=trace_id):
                 try:
+                    if current is not None:
+                        current[slot] = item
                     if span is None:
                         await self._call(item.sub, item.event, ctx)
                     else:
                         with tracing.activate(span):
                             await self._call(item.sub, item.event, ctx)
+                    if current is not None:
+                        del current[slot]
                     item.out = [
                         wire.encode(
                             event,
@@ -1020,6 +1150,8 @@ class Service:
                     if metrics is not None:
                         metrics.handled(item.sub.name, env.event_type, "ok", time.perf_counter() - started)
                 except Exception as exc:  # the handler's failure is the event's, not the service's
+                    if current is not None:
+                        current.pop(slot, None)
                     item.error = exc
                     if breaker is not None:
                         # A handler that chose to dead-letter (or has a bug) reached its dependency fine.
@@ -1199,6 +1331,17 @@ def _recheck_at(now_ms: int, head_due_ms: int) -> int:
     if not head_due_ms:
         return now_ms + recheck_ms
     return max(now_ms + recheck_ms // 10, min(head_due_ms + recheck_ms // 10, now_ms + 10 * recheck_ms))
+
+
+class _Phase:
+    """The handler phase of one batch: the item each worker runs now, and whether the batch has
+    gone on without its workers (so they start nothing more)."""
+
+    __slots__ = ("current", "cutoff")
+
+    def __init__(self) -> None:
+        self.current: dict[int, _Item] = {}
+        self.cutoff = False
 
 
 class _BreakerOpen(Exception):

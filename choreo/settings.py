@@ -61,6 +61,10 @@ class Settings(BaseModel):
     #: The default order handlers keep: ``key`` (events of one record key in offset order, different
     #: keys concurrently), ``partition`` (one event at a time per partition) or ``unordered``.
     ordering: Literal["key", "partition", "unordered"] = "key"
+    #: How long a batch waits for its slowest handler calls before it goes on without them: they
+    #: finish in the background, holding back only their own chain (key), and their outcome is
+    #: settled with a later batch. One slow call never stalls the other keys for longer than this.
+    slow_handler_ms: int = Field(default=200, ge=1, le=3_600_000)
     #: Events a service holds in memory besides the batch in hand: those waiting behind an earlier
     #: event of their key (a retry, a claim held elsewhere). At the bound, the partitions holding
     #: them stop fetching until they drain below half of it.

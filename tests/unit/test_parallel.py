@@ -95,6 +95,11 @@ async def poll_until(service: Service, condition: Callable[[], bool], polls: int
     assert condition(), f"condition not reached within {polls} polls"
 
 
+async def poll_times(service: Service, polls: int) -> None:
+    for _ in range(polls):
+        await service.poll_once(timeout=0.005)
+
+
 def expected_order(keys: list[str]) -> dict[str, list[int]]:
     order: dict[str, list[int]] = {}
     for seq, key in enumerate(keys):
@@ -292,3 +297,96 @@ async def test_a_revoked_partition_gives_its_waiting_events_to_the_next_owner(
     await poll_until(second, lambda: len(handled) >= 4 and broker.groups[second.group].committed.get(tp) == 4)
     assert sorted(handled) == [("first", 1), ("first", 3), ("second", 0), ("second", 2)]
     assert broker.groups[second.group].committed[tp] == 4
+
+
+# --- slow calls: a batch goes on without them ----------------------------------------------------
+
+
+async def test_one_slow_call_holds_back_only_its_key(make_service: Callable[..., Service], broker: MemoryBroker) -> None:
+    service = make_service(concurrency=4, slow_handler_ms=20)
+    release = asyncio.Event()
+    done: list[tuple[str, int]] = []
+
+    @service.on(Work)
+    async def work(event: Work, ctx: Context) -> None:
+        if event.key == "slow" and event.seq == 0:
+            await release.wait()  # a call that takes as long as the test wants
+        done.append((event.key, event.seq))
+
+    keys = ["slow", "fast", "slow", "fast", "other"]
+    await publish(broker, keys)
+    [tp] = {(r.topic, r.partition) for r in broker.records(TOPIC)}
+    await service.start()
+    committed = broker.groups[service.group].committed
+    await poll_until(service, lambda: len(done) == 3)
+    await poll_times(service, 10)
+    assert sorted(done) == [("fast", 1), ("fast", 3), ("other", 4)], "the other keys went on"
+    assert committed.get(tp) is None, "nothing passes the running call at offset 0"
+
+    release.set()
+    await poll_until(service, lambda: len(done) == 5 and committed.get(tp) == 5, polls=100)
+    assert [seq for key, seq in done if key == "slow"] == [0, 2]
+    assert service.stats.processed == 5
+
+
+async def test_stop_waits_for_a_slow_call_and_makes_its_outcome_durable(
+    make_service: Callable[..., Service], broker: MemoryBroker
+) -> None:
+    service = make_service(concurrency=4, slow_handler_ms=20)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    @service.on(Work)
+    async def work(event: Work, ctx: Context) -> None:
+        started.set()
+        await release.wait()
+
+    await publish(broker, ["only"])
+    [tp] = {(r.topic, r.partition) for r in broker.records(TOPIC)}
+    await service.start()
+    running = asyncio.create_task(service.run())
+    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.sleep(0.05)  # the batch has gone on without the call
+    service.stop()
+    await asyncio.sleep(0.05)
+    assert not running.done(), "run() waits for the call"
+    release.set()
+    await asyncio.wait_for(running, 5)
+    assert service.stats.processed == 1
+    assert broker.groups[service.group].committed[tp] == 1
+
+
+async def test_a_slow_call_outliving_its_partition_is_finished_once_and_its_key_stays_in_order(
+    make_service: Callable[..., Service], broker: MemoryBroker
+) -> None:
+    # Two partitions, no retry topics: when the second member joins, it takes partition 1 over.
+    first = make_service(concurrency=4, slow_handler_ms=20, partitions=2, retry_tiers=0)
+    second = make_service(concurrency=4, partitions=2, retry_tiers=0)
+    release = asyncio.Event()
+    handled: list[tuple[str, int]] = []
+
+    def register(service: Service, name: str) -> None:
+        @service.on(Work)
+        async def work(event: Work, ctx: Context) -> None:
+            if name == "first" and event.seq == 0:
+                await release.wait()
+            handled.append((name, event.seq))
+
+    register(first, "first")
+    register(second, "second")
+    await publish(broker, ["KEY", "KEY", "KEY"], partitions=2)
+    [tp] = {(r.topic, r.partition) for r in broker.records(TOPIC)}
+    assert tp[1] == 1
+    await first.start()
+    await poll_times(first, 5)
+    assert handled == []
+    await second.start()  # takes partition 1 over while the call runs on the first member
+    await poll_times(first, 3)
+    await poll_times(second, 20)
+    assert tp in second._transport.assignment() and tp not in first._transport.assignment()  # type: ignore[union-attr]
+    assert handled == [], "the claim keeps the new owner waiting behind the running call"
+
+    release.set()
+    await poll_times(first, 5)  # settles it: emitted and marked done, though the offset is not its own
+    await poll_until(second, lambda: len(handled) == 3)
+    assert handled == [("first", 0), ("second", 1), ("second", 2)]
+    await poll_until(second, lambda: broker.groups[second.group].committed.get(tp) == 3)
