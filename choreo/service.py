@@ -3,20 +3,25 @@
 The path of one batch (see DESIGN.md)::
 
     fetch batch -> decode (Avro by fingerprint) -> claim every idempotency key (one Redis call)
-      -> run handlers (in order per partition, partitions concurrently)
+      -> run handlers: a chain per record key in offset order, chains concurrently (bounded)
       -> publish emitted events and wait for the broker's acks
       -> mark keys done / release failed claims (one Redis call)
       -> store offsets (committed asynchronously, periodically and on revoke/close)
 
-An offset is stored only once its record's outcome is durable, so a crash at any point re-delivers
-the record; the idempotency key then skips what already happened, and emitted event ids are derived
-from the input id, so a re-emitted event is a duplicate that downstream services skip in turn.
+An offset is stored only once the outcome of every record below it is durable, so a crash at any
+point re-delivers from the lowest unfinished record; the idempotency key then skips what already
+happened, and emitted event ids are derived from the input id, so a re-emitted event is a duplicate
+that downstream services skip in turn.
+
+An event that does not finish in its batch (a retry waiting in place, a claim held elsewhere, a
+handler call slower than ``Settings.slow_handler_ms``) holds back only its chain: it and the chain's
+later events wait in memory, bounded by ``Settings.max_buffered``, while the partition goes on.
 
 Failures (see ``choreo.retry``): a record that cannot be decoded is dead-lettered in its place. A
-handler that raises is retried after a backoff: a short one waits in place (the partition is paused
-and rewound), a long one goes through a retry topic while the partition moves on, with the key's
-later events parked behind it (``choreo.parking``) so retries never reorder a key. After the last
-attempt the event is dead-lettered.
+handler that raises is retried after a backoff: a short one waits in place (its key waits behind it),
+a long one goes through a retry topic while the partition moves on, with the key's later events
+parked behind it (``choreo.parking``) so retries never reorder a key. After the last attempt the
+event is dead-lettered.
 """
 
 from __future__ import annotations
@@ -410,7 +415,6 @@ class Service:
                 await self.start()
             while not self._stop_requested and not (until and until()):
                 await self.poll_once()
-            await self._settle_late()
         finally:
             await self.close()
 
@@ -469,7 +473,14 @@ class Service:
         self._due_at = min(due) if due else None
 
     async def close(self) -> None:
-        for item in self._late.values():  # closed without run()'s settling: nothing to wait for
+        """Settle handler calls still running (see ``_settle_late``), commit, leave the group and
+        release everything."""
+        if self._late and self._started:
+            try:
+                await self._settle_late()
+            except ChoreoError as exc:  # e.g. the broker is gone: their claims expire by themselves
+                self._log.warning("settling %d running handler calls failed: %s", len(self._late), exc)
+        for item in self._late.values():  # still running after the shutdown timeout
             if item.task is not None:
                 item.task.cancel()
         self._late.clear()
@@ -571,7 +582,11 @@ class Service:
             self._log.error("%s; pausing %d partitions", exc, len(touched))
             self._back_off(fresh, poison, settled, held_back, touched)
             return
-        claimed_here: dict[str, _Item] = {}
+        # The store grants this owner's own claim again, so an event whose claim this process holds
+        # is recognised here: a copy in this batch, a late call still running, or one settled now.
+        claimed_here: dict[str, _Item] = {i.key: i for i in late}
+        if self._late:
+            claimed_here.update((i.key, i) for i in self._late.values())
         for item, claim in zip(run, claims):
             if claim is ClaimResult.CLAIMED:
                 first = claimed_here.get(item.key)
@@ -770,7 +785,7 @@ class Service:
         held_back: dict[TopicPartition, list[_Item]] = {}
         order: list[list[_Item]] = []
         late: list[_Item] = []
-        settled: set[object] = set()  # chains whose late call has finished: their followers may go
+        settled: set[object] = set()  # chains whose late call finished: their next event goes next
         for cid, item in list(self._late.items()):
             assert item.task is not None
             if not item.task.done():
@@ -780,18 +795,23 @@ class Service:
             item.task.result()  # a bug of ours, not a handler's failure: let it surface
             item.task = None
             late.append(item)
-            if item.outcome not in _FINISHED:
-                chains[cid] = None  # it waits again (see _process); its chain waits behind it
-            else:
+            # Its chain waits this batch either way: the call's outcome (done, parked behind a
+            # retry) becomes durable with this batch, and only then may the events behind it run.
+            chains[cid] = None
+            if item.outcome in _FINISHED:
                 settled.add(cid)
         draining = self._draining
         for tp, held in list(self._carried.items()):
             for item in held:
                 cid = _chain_id(tp, item, item.sub.ordering or default)
+                if cid in settled:  # the first event behind a call settled now goes next batch
+                    settled.discard(cid)
+                    item.not_before = 0.0
+                    held_back.setdefault(tp, []).append(item)
+                    continue
                 if cid not in chains:
-                    # The chain's first held event decides: due, or a follower of a settled call.
-                    due = item.not_before <= now or (item.not_before == _BEHIND and cid in settled)
-                    chain = chains[cid] = [] if due and not draining else None
+                    # The chain's first held event decides.
+                    chain = chains[cid] = [] if item.not_before <= now and not draining else None
                     if chain is not None:
                         order.append(chain)
                     else:
@@ -807,6 +827,11 @@ class Service:
         for tp, items in fresh.items():
             for item in items:
                 cid = _chain_id(tp, item, item.sub.ordering or default)
+                if cid in settled:
+                    settled.discard(cid)
+                    item.not_before = 0.0
+                    held_back.setdefault(tp, []).append(item)
+                    continue
                 if cid not in chains:
                     chain = chains[cid] = None if draining else []
                     if chain is not None:
@@ -1074,7 +1099,7 @@ class Service:
                 first = item.copy_of
                 if first is not None and first.outcome in _FINISHED and (
                         first.record.topic, first.record.partition) == (item.record.topic, item.record.partition):
-                        # The copy's first delivery was handled earlier in this partition (done, sent on to a
+                    # The copy's first delivery was handled earlier in this partition (done, sent on to a
                     # retry topic, parked or dead-lettered): this one is a duplicate.
                     item.outcome = _SKIPPED
                     continue

@@ -572,7 +572,7 @@ async def test_a_poison_record_is_dead_lettered_in_its_place_and_the_partition_g
     assert "offset 1" in message and reason in message and ".dlq" in message
 
 
-async def test_a_failed_record_before_a_poison_record_is_retried_before_the_poison_is_dead_lettered(
+async def test_a_poison_record_behind_a_failed_record_of_its_key_is_dead_lettered_once(
     make_service: Callable[..., Service], publisher: Publisher, broker: MemoryBroker
 ) -> None:
     service = make_service()
