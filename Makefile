@@ -9,7 +9,7 @@ KAFKA_STATE ?= $(or $(TMPDIR),/tmp)/choreo-kafka-$(CHECKOUT_ID)
 JAEGER_STATE ?= $(or $(TMPDIR),/tmp)/choreo-jaeger-$(CHECKOUT_ID)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-unit test-kafka dev bench-chain bench-saga clean
+.PHONY: install demo test test-unit test-kafka dev bench bench-parallel bench-chain bench-saga bench-backlog clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,16 @@ test-kafka: install
 		$(PY) scripts/apache_kafka.py run --state-dir $(KAFKA_STATE) -- \
 		$(PY) -m pytest tests/integration tests/conformance $(PYTEST_ARGS)
 
+## Every bench in sequence (one at a time even under make -j: they would skew each other's figures).
+bench: install
+	$(MAKE) --no-print-directory bench-parallel
+	$(MAKE) --no-print-directory bench-chain
+	$(MAKE) --no-print-directory bench-saga
+
+## Key-ordered parallel processing: events/s by Settings.concurrency, order violations; writes bench/results.json.
+bench-parallel: install
+	$(PY) -m bench.parallel --rounds 3
+
 ## Throughput of the two-service chain on the embedded stack.
 bench-chain: install
 	$(PY) -m bench.chain
@@ -45,6 +55,10 @@ bench-chain: install
 ## The checkout saga: sagas/s under a backlog, p50/p99 saga duration at a low rate.
 bench-saga: install
 	$(PY) -m bench.saga
+
+## One service drains a million-event backlog: peak RSS, VmHWM, RSS at 10/50/90%; minutes, so not in `bench`.
+bench-backlog: install
+	$(PY) -m bench.backlog $(ARGS)
 
 ## A local broker and Redis until Ctrl-C.
 dev: install
