@@ -327,6 +327,27 @@ async def test_pause_stops_one_partition_and_resume_restarts_it(make_transport: 
     )
 
 
+async def test_pause_without_seek_keeps_records_already_prefetched(make_transport: TransportFactory) -> None:
+    """Backpressure pauses a partition whose records the client has fetched ahead but not handed
+    out: on resume those records come, from the next offset the caller has not seen, none twice."""
+    consumer = make_transport()
+    topic = await topic_with(make_transport, consumer, "prefetch", 1)
+    sent = [OutgoingRecord(topic, b"k", f"p-{i}".encode()) for i in range(300)]
+    await consumer.send(sent)
+    await consumer.subscribe([topic], make_transport.group("prefetch"))
+    first: list[Record] = []
+    while not first:
+        first = await consumer.fetch(10, 1.0)
+    await asyncio.sleep(0.3)  # time for the client to prefetch the rest
+    tp = (first[0].topic, first[0].partition)
+    consumer.pause([tp])
+    assert await drain(consumer, 0.3) == [], "a paused partition delivered records"
+    consumer.resume([tp])
+    rest = await fetch_until(consumer, 300 - len(first))
+    rest += await drain(consumer, 0.2)
+    assert values(first + rest) == [r.value for r in sent], "resume lost or repeated records"
+
+
 async def test_members_split_the_partitions_and_the_last_one_takes_all(make_transport: TransportFactory) -> None:
     a, b = make_transport(), make_transport()
     topic = await topic_with(make_transport, a, "split", 4)
