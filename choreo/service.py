@@ -568,6 +568,14 @@ class Service:
         touched = set(fresh) | set(poison) | set(waits) | set(self._carried)
         chains, held_back, late = self._plan(fresh)
         touched.update(_tp(i.record) for i in late)
+        if chains and 1 < settings.concurrency <= len(self._late):
+            # Every slot is taken by late calls: start nothing, claim nothing; look again shortly.
+            again = time.monotonic() + 0.005
+            for chain in chains:
+                for index, item in enumerate(chain):
+                    item.not_before = again if index == 0 else _BEHIND
+                    held_back.setdefault(_tp(item.record), []).append(item)
+            chains = []
         run = [item for chain in chains for item in chain]
         # Everything whose outcome this batch makes durable: what it runs, and the late calls of
         # earlier batches that have finished since.

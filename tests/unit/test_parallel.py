@@ -42,12 +42,14 @@ class Tracker:
         self.running: dict[str, int] = {}
         self.seen: dict[str, list[int]] = {}
 
-    async def run(self, event: Work, delay: float) -> None:
+    async def run(self, event: Work, delay: float, gate: asyncio.Event | None = None) -> None:
         self.in_flight += 1
         self.running[event.key] = self.running.get(event.key, 0) + 1
         self.peak = max(self.peak, self.in_flight)
         self.peak_per_key[event.key] = max(self.peak_per_key.get(event.key, 0), self.running[event.key])
         try:
+            if gate is not None:
+                await gate.wait()
             await asyncio.sleep(delay)
             self.seen.setdefault(event.key, []).append(event.seq)
         finally:
@@ -390,3 +392,36 @@ async def test_a_slow_call_outliving_its_partition_is_finished_once_and_its_key_
     await poll_until(second, lambda: len(handled) == 3)
     assert handled == [("first", 0), ("second", 1), ("second", 2)]
     await poll_until(second, lambda: broker.groups[second.group].committed.get(tp) == 3)
+
+
+async def test_late_calls_count_against_the_concurrency_bound(
+    make_service: Callable[..., Service], broker: MemoryBroker
+) -> None:
+    service = make_service(concurrency=2, slow_handler_ms=5)
+    tracker = Tracker()
+    release = asyncio.Event()
+
+    @service.on(Work)
+    async def work(event: Work, ctx: Context) -> None:
+        await tracker.run(event, 0.0, gate=release)
+
+    keys = ["a", "b", "c", "d", "a", "c"]
+    await publish(broker, keys)
+    await service.start()
+    store = service._store
+    assert store is not None
+    claims: list[int] = []
+    claim = store.claim
+
+    async def counted(keys: Any, owner: str, lease_ms: int) -> Any:
+        claims.append(len(keys))
+        return await claim(keys, owner, lease_ms)
+
+    store.claim = counted  # type: ignore[method-assign]
+    await poll_times(service, 30)
+    assert tracker.peak == 2 and tracker.seen == {}, "two slow calls hold both slots; nothing else starts"
+    assert len(claims) == 1, "while every slot is taken, waiting events are not claimed again and again"
+    release.set()
+    await poll_until(service, lambda: sum(map(len, tracker.seen.values())) == len(keys))
+    assert tracker.peak == 2
+    assert tracker.seen == expected_order(keys)
