@@ -19,7 +19,11 @@ Names (Prometheus form in brackets):
   handler starting, per edge of the flow graph (event type -> service.handler): waiting, not working.
 * ``choreo.consumer.lag`` [``choreo_consumer_lag``]: records not yet consumed per topic and partition
   (high watermark minus position, as the client last saw them).
-* ``choreo.consumer.in_flight`` [``choreo_consumer_in_flight``]: events of the batch being processed.
+* ``choreo.consumer.in_flight`` [``choreo_consumer_in_flight``]: events fetched and not finished: the
+  batch being processed, events waiting in memory behind an unfinished event of their key, and
+  handler calls still running after their batch went on.
+* ``choreo.consumer.paused`` [``choreo_consumer_paused``]: partitions paused for backpressure (too
+  many events waiting in memory).
 * ``choreo.saga.duration`` [``choreo_saga_duration_seconds``]: start to end, by saga and outcome
   (completed, compensated, compensation_failed, timed_out); from the saga tracker.
 * ``choreo.sagas.running`` and ``choreo.sagas.overdue`` [same, with underscores]: sagas not ended,
@@ -76,6 +80,7 @@ class Metrics:
         self._scrape: Any = None
         self._lag: dict[TopicPartition, int] = {}
         self._in_flight = 0
+        self._paused = 0
         self._sagas: tuple[int, int] | None = None
         self._attrs: dict[tuple[str, str, str], dict[str, str]] = {}
         if not readers:
@@ -101,7 +106,9 @@ class Metrics:
         meter.create_observable_gauge("choreo.consumer.lag", [self._observe_lag], unit="{record}",
                                       description="records not yet consumed, per partition")
         meter.create_observable_gauge("choreo.consumer.in_flight", [self._observe_in_flight], unit="{event}",
-                                      description="events of the batch being processed")
+                                      description="events fetched and not finished")
+        meter.create_observable_gauge("choreo.consumer.paused", [self._observe_paused], unit="{partition}",
+                                      description="partitions paused for backpressure")
         meter.create_observable_gauge("choreo.sagas.running", [self._observe_running], unit="{saga}",
                                       description="sagas not ended")
         meter.create_observable_gauge("choreo.sagas.overdue", [self._observe_overdue], unit="{saga}",
@@ -151,8 +158,9 @@ class Metrics:
     def set_lag(self, lag: Mapping[TopicPartition, int]) -> None:
         self._lag = dict(lag)
 
-    def set_in_flight(self, count: int) -> None:
+    def set_in_flight(self, count: int, paused: int = 0) -> None:
         self._in_flight = count
+        self._paused = paused
 
     def saga_ended(self, saga: str, outcome: str, seconds: float) -> None:
         self._saga_duration.record(max(0.0, seconds), {"saga": saga, "outcome": outcome})
@@ -166,6 +174,9 @@ class Metrics:
 
     def _observe_in_flight(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(self._in_flight, {"service": self.service})]
+
+    def _observe_paused(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(self._paused, {"service": self.service})]
 
     def _observe_running(self, options: CallbackOptions) -> Iterable[Observation]:
         return [] if self._sagas is None else [Observation(self._sagas[0], {"service": self.service})]

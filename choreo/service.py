@@ -451,11 +451,11 @@ class Service:
             if now - self._lag_at >= 1.0:
                 self._lag_at = now
                 metrics.set_lag(transport.lag())
-            metrics.set_in_flight(len(records) + self._buffered)
+            metrics.set_in_flight(len(records) + self._buffered + len(self._late), len(self._backpressured))
             try:
                 await self._process(records)
             finally:
-                metrics.set_in_flight(self._buffered)
+                metrics.set_in_flight(self._buffered + len(self._late), len(self._backpressured))
             return len(records)
         await self._process(records)
         return len(records)

@@ -12,11 +12,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from choreo import ConfigurationError, Context, Event, Publisher, RetryPolicy, Service, Settings
+from choreo.metrics import Metrics
 from choreo.schemas import parse_schema
 from choreo.stores.memory import MemoryIdempotencyStore
 from choreo.transport.memory import MemoryBroker, MemoryTransport
+from tests.unit.test_metrics import _value
 
 PREFIX = "par."
 
@@ -69,8 +72,10 @@ async def make_service(broker: MemoryBroker) -> AsyncIterator[Callable[..., Serv
     store = MemoryIdempotencyStore()  # shared, as Redis is by every member of a group
 
     def make(**settings: Any) -> Service:
+        metrics = settings.pop("metrics", None)
         config = Settings(topic_prefix=PREFIX, topic_partitions=settings.pop("partitions", 1), **settings)
-        service = Service("par", settings=config, transport=MemoryTransport(broker), idempotency=store)
+        service = Service("par", settings=config, transport=MemoryTransport(broker), idempotency=store,
+                          metrics=metrics)
         made.append(service)
         return service
 
@@ -241,7 +246,8 @@ async def test_a_failing_key_holds_only_itself_and_the_offset_waits_for_it(
 async def test_events_waiting_in_memory_are_bounded_by_pausing_their_partitions(
     make_service: Callable[..., Service], broker: MemoryBroker
 ) -> None:
-    service = make_service(concurrency=4, max_buffered=10, batch_size=4)
+    service = make_service(concurrency=4, max_buffered=10, batch_size=4,
+                           metrics=Metrics.from_settings("par", 0, env={}, extra_readers=[InMemoryMetricReader()]))
     service.retry = RetryPolicy(initial_delay_s=0.01, max_delay_s=0.01, max_attempts=1_000)
     transport = service._transport
     assert isinstance(transport, MemoryTransport)
@@ -262,6 +268,9 @@ async def test_events_waiting_in_memory_are_bounded_by_pausing_their_partitions(
     waiting = sum(len(items) for items in service._carried.values())
     assert 10 <= waiting <= 10 + 4, "the bound plus at most one batch"
     assert transport._paused, "the partition stopped fetching"
+    text = service.metrics.render()
+    assert _value(text, "choreo_consumer_paused", service="par") == 1
+    assert _value(text, "choreo_consumer_in_flight", service="par") == waiting
     blocked = False
     await poll_until(service, lambda: len(done) == 100)
     assert done == list(range(100))
