@@ -9,7 +9,7 @@ KAFKA_STATE ?= $(or $(TMPDIR),/tmp)/choreo-kafka-$(CHECKOUT_ID)
 JAEGER_STATE ?= $(or $(TMPDIR),/tmp)/choreo-jaeger-$(CHECKOUT_ID)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-unit test-kafka dev bench bench-parallel bench-chain bench-saga bench-backlog clean
+.PHONY: install demo test test-unit test-kafka dev bench bench-parallel bench-step bench-chain bench-saga bench-backlog clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,12 +41,17 @@ test-kafka: install
 ## Every bench in sequence (one at a time even under make -j: they would skew each other's figures).
 bench: install
 	$(MAKE) --no-print-directory bench-parallel
+	$(MAKE) --no-print-directory bench-step
 	$(MAKE) --no-print-directory bench-chain
 	$(MAKE) --no-print-directory bench-saga
 
 ## Key-ordered parallel processing: events/s by Settings.concurrency, order violations; writes bench/results.json.
 bench-parallel: install
 	$(PY) -m bench.parallel --rounds 3
+
+## One saga step side by side: choreo vs hand-written confluent-kafka loops (events/s, p50/p99, CPU); writes bench/results.json.
+bench-step: install
+	$(PY) -m bench.step
 
 ## Throughput of the two-service chain on the embedded stack.
 bench-chain: install
