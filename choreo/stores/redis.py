@@ -16,13 +16,48 @@ from choreo.errors import IdempotencyError
 from choreo.idempotency import ClaimResult
 from choreo.parking import Gate, GateResult
 
+# Every script takes its lists as one argument each, joined by a separator that none of the values
+# holds (ARGV[first] names it), and splits them itself: redis-py packs each argument in Python, which
+# for a 500-key batch costs more than the round trip (~1 ms against ~10 us). An empty separator means
+# the lists come element by element after a count (a batch whose values hold every separator tried).
+# Keys are therefore not declared in KEYS: standalone Redis, which is what choreo supports.
+_LISTS = """
+local function lists(first, count)
+  local sep, out = ARGV[first], {}
+  if sep == '' then
+    local n = tonumber(ARGV[first + 1])
+    for j = 1, count do
+      local l = {}
+      for i = 1, n do l[i] = ARGV[first + 1 + (j - 1) * n + i] end
+      out[j] = l
+    end
+    return out
+  end
+  for j = 1, count do
+    local s, l, start = ARGV[first + j], {}, 1
+    while true do
+      local at = string.find(s, sep, start, true)
+      if not at then
+        l[#l + 1] = string.sub(s, start)
+        break
+      end
+      l[#l + 1] = string.sub(s, start, at - 1)
+      start = at + 1
+    end
+    out[j] = l
+  end
+  return out
+end
+"""
+
 # Values: "d" when done, "c:<owner>" while claimed. The reply is one string of digits, one per key:
-# parsing a 500-element array reply in redis-py costs more than the script itself. A claim by the same owner is granted again, so a
-# process retrying its own failed event does not wait for its own lease to expire.
-_CLAIM = """
+# parsing a 500-element array reply in redis-py costs more than the script itself. A claim by the same
+# owner is granted again, so a process retrying its own failed event does not wait for its own lease
+# to expire. ARGV: owner, lease ms, then the list of keys.
+_CLAIM = _LISTS + """
 local owner = 'c:' .. ARGV[1]
 local out = {}
-for i, key in ipairs(KEYS) do
+for i, key in ipairs(lists(3, 1)[1]) do
   local v = redis.call('GET', key)
   if not v then
     redis.call('SET', key, owner, 'PX', ARGV[2])
@@ -39,10 +74,11 @@ end
 return table.concat(out)
 """
 
-_FINISH = """
+# ARGV: owner, done ttl ms, how many of the keys are done (the rest are released), then the keys.
+_FINISH = _LISTS + """
 local n = tonumber(ARGV[3])
 local owner = 'c:' .. ARGV[1]
-for i, key in ipairs(KEYS) do
+for i, key in ipairs(lists(4, 1)[1]) do
   if i <= n then
     redis.call('SET', key, 'd', 'PX', ARGV[2])
   elseif redis.call('GET', key) == owner then
@@ -51,6 +87,21 @@ for i, key in ipairs(KEYS) do
 end
 return n
 """
+
+
+def _lists(*lists: Sequence[str]) -> list[str | int]:
+    """Script arguments for ``lists`` of equal length (see ``_LISTS``): a separator, then one joined
+    string per list; or, if every separator tried occurs in some value, ``""``, the length and the
+    values one by one."""
+    for sep in _SEPARATORS:
+        joined = [sep.join(values) for values in lists]
+        # One character, so a value holding it shows as one separator too many.
+        if all(text.count(sep) == len(values) - 1 for text, values in zip(joined, lists)):
+            return [sep, *joined]
+    return ["", len(lists[0]), *(value for values in lists for value in values)]
+
+
+_SEPARATORS = "\n" + "".join(chr(c) for c in range(1, 32) if c != 10) + "\x7f"
 
 _RESULTS = (ClaimResult.DONE, ClaimResult.CLAIMED, ClaimResult.BUSY)
 
@@ -82,7 +133,7 @@ class RedisIdempotencyStore:
         if not keys:
             return []
         try:
-            raw = await self._claim(keys=list(keys), args=[owner, lease_ms])
+            raw = await self._claim(args=[owner, lease_ms, *_lists(keys)])
         except (RedisError, OSError) as exc:
             raise IdempotencyError(f"claiming {len(keys)} keys in Redis at {_safe(self._url)} failed: {exc}") from exc
         digits = raw if isinstance(raw, bytes) else str(raw).encode()
@@ -92,7 +143,7 @@ class RedisIdempotencyStore:
         if not done and not released:
             return
         try:
-            await self._finish(keys=[*done, *released], args=[owner, ttl_ms, len(done)])
+            await self._finish(args=[owner, ttl_ms, len(done), *_lists([*done, *released])])
         except (RedisError, OSError) as exc:
             raise IdempotencyError(f"marking keys done in Redis at {_safe(self._url)} failed: {exc}") from exc
 
@@ -102,16 +153,19 @@ class RedisIdempotencyStore:
 
 # Lists of event ids per key, head first (see choreo.parking); ``<list>:due`` holds the head's retry
 # time. Replies are short strings naming only the entries that are not free: most batches park nothing.
-_GATE = """
+# ARGV: ttl ms, then the lists of keys, event ids and may-park flags ("1"/"0").
+_GATE = _LISTS + """
 local ttl = ARGV[1]
+local l = lists(2, 3)
+local ids, flags = l[2], l[3]
 local out = {}
-for i, key in ipairs(KEYS) do
-  local id = ARGV[2 * i]
+for i, key in ipairs(l[1]) do
+  local id = ids[i]
   local head = redis.call('LINDEX', key, 0)
   if head then
     if head == id then
       out[#out + 1] = i .. ':h'
-    elseif ARGV[2 * i + 1] == '1' then
+    elseif flags[i] == '1' then
       if not redis.call('LPOS', key, id) then
         redis.call('RPUSH', key, id)
       end
@@ -123,29 +177,35 @@ end
 return table.concat(out, ',')
 """
 
-_PARK = """
+# ARGV: ttl ms, then the lists of keys, event ids and due times (ms; "0": not the head's retry).
+_PARK = _LISTS + """
 local ttl = ARGV[1]
-for i, key in ipairs(KEYS) do
-  local id = ARGV[2 * i]
+local l = lists(2, 3)
+local ids, dues = l[2], l[3]
+for i, key in ipairs(l[1]) do
+  local id = ids[i]
   if not redis.call('LPOS', key, id) then
     redis.call('RPUSH', key, id)
   end
   redis.call('PEXPIRE', key, ttl)
-  if ARGV[2 * i + 1] ~= '0' and redis.call('LINDEX', key, 0) == id then
-    redis.call('SET', key .. ':due', ARGV[2 * i + 1], 'PX', ttl)
+  if dues[i] ~= '0' and redis.call('LINDEX', key, 0) == id then
+    redis.call('SET', key .. ':due', dues[i], 'PX', ttl)
   end
 end
-return #KEYS
+return #l[1]
 """
 
-_UNPARK = """
-for i, key in ipairs(KEYS) do
-  if redis.call('LINDEX', key, 0) == ARGV[i] then
+# ARGV: the lists of keys and event ids.
+_UNPARK = _LISTS + """
+local l = lists(1, 2)
+local ids = l[2]
+for i, key in ipairs(l[1]) do
+  if redis.call('LINDEX', key, 0) == ids[i] then
     redis.call('DEL', key .. ':due')
   end
-  redis.call('LREM', key, 1, ARGV[i])
+  redis.call('LREM', key, 1, ids[i])
 end
-return #KEYS
+return #l[1]
 """
 
 
@@ -163,11 +223,10 @@ class RedisParkingLot:
         gates = [_FREE] * len(entries)
         if not entries:
             return gates
-        args: list[str | int] = [ttl_ms]
-        for _, event_id, may_park in entries:
-            args += [event_id, "1" if may_park else "0"]
+        lists = _lists([key for key, _, _ in entries], [event_id for _, event_id, _ in entries],
+                       ["1" if may_park else "0" for _, _, may_park in entries])
         try:
-            raw = await self._gate(keys=[key for key, _, _ in entries], args=args)
+            raw = await self._gate(args=[ttl_ms, *lists])
         except (RedisError, OSError) as exc:
             raise IdempotencyError(f"checking parked keys in Redis at {_safe(self._url)} failed: {exc}") from exc
         for part in _text(raw).split(",") if raw else ():
@@ -178,11 +237,10 @@ class RedisParkingLot:
     async def park(self, entries: Sequence[tuple[str, str, int]], ttl_ms: int) -> None:
         if not entries:
             return
-        args: list[str | int] = [ttl_ms]
-        for _, event_id, due_ms in entries:
-            args += [event_id, due_ms]
+        lists = _lists([key for key, _, _ in entries], [event_id for _, event_id, _ in entries],
+                       [str(due_ms) for _, _, due_ms in entries])
         try:
-            await self._park(keys=[key for key, _, _ in entries], args=args)
+            await self._park(args=[ttl_ms, *lists])
         except (RedisError, OSError) as exc:
             raise IdempotencyError(f"parking events in Redis at {_safe(self._url)} failed: {exc}") from exc
 
@@ -190,7 +248,7 @@ class RedisParkingLot:
         if not entries:
             return
         try:
-            await self._unpark(keys=[key for key, _ in entries], args=[event_id for _, event_id in entries])
+            await self._unpark(args=_lists([key for key, _ in entries], [event_id for _, event_id in entries]))
         except (RedisError, OSError) as exc:
             raise IdempotencyError(f"releasing parked keys in Redis at {_safe(self._url)} failed: {exc}") from exc
 

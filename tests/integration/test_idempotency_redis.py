@@ -8,7 +8,8 @@ import pytest
 
 from choreo import IdempotencyError, Settings
 from choreo.idempotency import ClaimResult
-from choreo.stores.redis import RedisIdempotencyStore
+from choreo.parking import Gate, GateResult
+from choreo.stores.redis import RedisIdempotencyStore, RedisParkingLot
 
 pytestmark = pytest.mark.redis
 
@@ -72,6 +73,39 @@ async def test_a_whole_batch_is_one_call(store: RedisIdempotencyStore, settings:
     after = (await store.redis.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
     assert results == [C] * 2_000
     assert after - before == 2, "one script call to claim 2,000 keys, one to finish them"
+
+
+# Every separator the store tries, and more: the batch below must fall back to one argument per value.
+_AWKWARD = "".join(chr(c) for c in range(1, 32)) + "\x7f"
+
+
+@pytest.mark.parametrize("names", [
+    ["plain", "new\nline", "tab\there"],  # a newline (the first separator tried) in one key
+    ["plain", f"every{_AWKWARD}separator", "x"],  # no single-character separator is free
+], ids=["newline", "every-separator"])
+async def test_keys_holding_separators_are_claimed_and_finished_exactly(
+        store: RedisIdempotencyStore, settings: Settings, names: list[str]) -> None:
+    k = keys(settings, *names)
+    assert await store.claim(k, "o", 10_000) == [C, C, C]
+    await store.finish(k[:1], k[1:], "o", 60_000)
+    assert await store.redis.get(k[0]) == b"d"
+    assert [await store.redis.exists(key) for key in k[1:]] == [0, 0]
+    assert await store.claim(k, "p", 10_000) == [D, C, C]
+
+
+@pytest.mark.parametrize("odd", ["new\nline", f"every{_AWKWARD}separator"], ids=["newline", "every-separator"])
+async def test_parking_keys_and_event_ids_holding_separators(
+        store: RedisIdempotencyStore, settings: Settings, odd: str) -> None:
+    lot = RedisParkingLot(store.redis, settings.redis_url)
+    key, other = f"{settings.redis_prefix}park:g:h:t:{odd}", f"{settings.redis_prefix}park:g:h:t:plain"
+    first, second = f"id-1{odd}", f"id-2{odd}"
+    await lot.park([(key, first, 12_345), (other, "id-3", 0)], 60_000)
+    gates = await lot.gate([(key, first, True), (key, second, True), (other, "id-4", False)], 60_000)
+    assert gates == [Gate(GateResult.HEAD), Gate(GateResult.PARKED, 12_345), Gate(GateResult.FREE)]
+    assert await store.redis.lrange(key, 0, -1) == [first.encode(), second.encode()]
+    await lot.unpark([(key, first)])
+    assert await store.redis.lrange(key, 0, -1) == [second.encode()]
+    assert await store.redis.get(key + ":due") is None, "the head's due time leaves with the head"
 
 
 async def test_an_unreachable_redis_is_an_idempotency_error_naming_the_address() -> None:
