@@ -96,6 +96,7 @@ class KafkaTransport:
         self._consumer: Consumer | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{client_id}-fetch")
         self._stop_polling = threading.Event()
+        self._kick = threading.Event()
         self._poller = threading.Thread(target=self._poll_producer, name=f"{client_id}-acks", daemon=True)
         self._poller.start()
         self._admin: AdminClient | None = None
@@ -414,6 +415,7 @@ class KafkaTransport:
                 except KafkaException as exc:
                     acks(exc.args[0], _Named(r.topic))
                     break
+        self._kick.set()
         return acks._future
 
     def _stuck(self) -> None:
@@ -431,8 +433,16 @@ class KafkaTransport:
         old.poll(0)  # deliver those failures (the poller thread serves only the new producer)
 
     def _poll_producer(self) -> None:
+        # A send hands over whole batches, and its caller waits for their acks: flushing sends
+        # them at once instead of after linger.ms (librdkafka ignores linger while a flush runs),
+        # yet as full batches, since every record of the send is queued before the kick.
+        # linger.ms still gathers the records of sends made while a flush is under way.
         while not self._stop_polling.is_set():
-            self._producer.poll(0.05)
+            if self._kick.wait(0.05):
+                self._kick.clear()
+                self._producer.flush(0.1)  # bounded, so close() is not held up; serves the acks too
+            else:
+                self._producer.poll(0)
 
     def _librdkafka_logger(self, client_id: str) -> logging.Logger:
         logger = logging.getLogger(f"choreo.librdkafka.{client_id}")
