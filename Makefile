@@ -8,6 +8,25 @@ CHECKOUT_ID := $(shell id -u)-$(shell printf %s "$(CURDIR)" | cksum | cut -d' ' 
 KAFKA_STATE ?= $(or $(TMPDIR),/tmp)/choreo-kafka-$(CHECKOUT_ID)
 JAEGER_STATE ?= $(or $(TMPDIR),/tmp)/choreo-jaeger-$(CHECKOUT_ID)
 PYTEST_ARGS ?=
+# The broker `make bench` runs on: tansu (the embedded dev stack) or kafka (a fresh Apache Kafka per
+# bench, the one `make test-kafka` starts, with the dev stack's Redis). Each has its own results file
+# and chart, so figures from one never overwrite the other's.
+BROKER ?= tansu
+BENCH_BROKERS := tansu kafka
+ifeq ($(BROKER),kafka)
+BENCH_RUN := $(PY) scripts/apache_kafka.py run --state-dir $(KAFKA_STATE) --
+BENCH_FROM_ENV := --broker-from-env
+BENCH_RESULTS := bench/results-kafka.json
+else
+BENCH_RUN :=
+BENCH_FROM_ENV :=
+BENCH_RESULTS := bench/results.json
+endif
+BENCH_CHART := $(BENCH_RESULTS:.json=.png)
+# Expanded by each bench's recipe, so only the benches refuse an unknown BROKER, before anything runs.
+bench_broker = $(if $(filter-out 1,$(words $(BROKER)))$(filter-out $(BENCH_BROKERS),$(BROKER)),$(error \
+	BROKER=$(BROKER) is not a broker the benches run on: use BROKER=tansu (the embedded dev stack, the \
+	default) or BROKER=kafka (Apache Kafka, as in make test-kafka)))
 
 .PHONY: install demo test test-unit test-kafka dev bench bench-parallel bench-step bench-chain bench-saga bench-backlog clean
 
@@ -38,28 +57,35 @@ test-kafka: install
 		$(PY) scripts/apache_kafka.py run --state-dir $(KAFKA_STATE) -- \
 		$(PY) -m pytest tests/integration tests/conformance $(PYTEST_ARGS)
 
-## Every bench in sequence (one at a time even under make -j: they would skew each other's figures).
+## Every bench in sequence (one at a time even under make -j: they would skew each other's figures),
+## then the chart of their figures: bench/results.png, or bench/results-kafka.png with BROKER=kafka.
 bench: install
+	$(bench_broker)
 	$(MAKE) --no-print-directory bench-parallel
 	$(MAKE) --no-print-directory bench-step
 	$(MAKE) --no-print-directory bench-chain
 	$(MAKE) --no-print-directory bench-saga
+	$(PY) -m bench.chart --results $(BENCH_RESULTS) --out $(BENCH_CHART)
 
 ## Key-ordered parallel processing: events/s by Settings.concurrency, order violations; writes bench/results.json.
 bench-parallel: install
-	$(PY) -m bench.parallel --rounds 3
+	$(bench_broker)
+	$(BENCH_RUN) $(PY) -m bench.parallel --rounds 3 $(BENCH_FROM_ENV) --results $(BENCH_RESULTS)
 
 ## One saga step side by side: choreo vs hand-written confluent-kafka loops (events/s, p50/p99, CPU); writes bench/results.json.
 bench-step: install
-	$(PY) -m bench.step
+	$(bench_broker)
+	$(BENCH_RUN) $(PY) -m bench.step $(BENCH_FROM_ENV) --results $(BENCH_RESULTS)
 
-## Throughput of the two-service chain on the embedded stack.
+## Throughput of the two-service chain (printed only).
 bench-chain: install
-	$(PY) -m bench.chain
+	$(bench_broker)
+	$(BENCH_RUN) $(PY) -m bench.chain $(BENCH_FROM_ENV)
 
-## The checkout saga: sagas/s under a backlog, p50/p99 saga duration at a low rate.
+## The checkout saga: sagas/s under a backlog (3 rounds), p50/p99 saga duration at a low rate; writes bench/results.json.
 bench-saga: install
-	$(PY) -m bench.saga
+	$(bench_broker)
+	$(BENCH_RUN) $(PY) -m bench.saga $(BENCH_FROM_ENV) --results $(BENCH_RESULTS)
 
 ## One service drains a million-event backlog: peak RSS, VmHWM, RSS at 10/50/90%; minutes, so not in `bench`.
 bench-backlog: install

@@ -1,4 +1,4 @@
-"""Throughput of the two-service chain (inventory -> payment) on the embedded stack.
+"""Throughput of the two-service chain (inventory -> payment).
 
     make bench-chain            # or: .venv/bin/python -m bench.chain --orders 20000
 
@@ -12,6 +12,9 @@ OTLP/HTTP to a sink in this process, and metrics served on a port), ``--rounds``
 prints both medians and their ratio:
 
     .venv/bin/python -m bench.chain --orders 20000 --observed --rounds 2
+
+It runs on the embedded stack; ``--broker-from-env`` uses ``CHOREO_KAFKA``/``CHOREO_REDIS`` when set
+and the dev stack for the rest (see bench/common.py). The figures are only printed.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from bench.common import broker, free_port, machine_lines
 from choreo import Publisher, Settings
 from services.events import OrderPlaced
 
@@ -49,12 +52,6 @@ class _OtlpSink(BaseHTTPRequestHandler):
         return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def measure(settings: Settings, orders: int, log_dir: Path,
                   observed: dict[str, str] | None = None) -> dict[str, float]:
     r = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
@@ -67,7 +64,7 @@ async def measure(settings: Settings, orders: int, log_dir: Path,
                CHOREO_REDIS_PREFIX=settings.redis_prefix, CHOREO_TOPIC_PREFIX=settings.topic_prefix)
     procs = [
         subprocess.Popen([sys.executable, "-m", "choreo.cli", "--log-level", "WARNING", "run", target],
-                         env={**env, **(observed or {}), **({"CHOREO_METRICS_PORT": str(_free_port())} if observed
+                         env={**env, **(observed or {}), **({"CHOREO_METRICS_PORT": str(free_port())} if observed
                                                             else {})},
                          stdout=open(log_dir / f"{target.split(':')[0]}.log", "w"), stderr=subprocess.STDOUT)
         for target in ("services.inventory:service", "services.payment:service")
@@ -93,32 +90,36 @@ async def measure(settings: Settings, orders: int, log_dir: Path,
     return {"orders": orders, "seconds": elapsed, "orders_per_s": orders / elapsed, "events_per_s": 2 * orders / elapsed}
 
 
+def _settings(base: Settings) -> Settings:
+    run = uuid.uuid4().hex[:6]
+    return Settings(kafka_bootstrap=base.kafka_bootstrap, redis_url=base.redis_url, kafka_config=base.kafka_config,
+                    topic_prefix=f"b{run}.", redis_prefix=f"b{run}:")
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--orders", type=int, default=20_000)
     parser.add_argument("--observed", action="store_true", help="compare with tracing and metrics on")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of each variant with --observed")
+    parser.add_argument("--broker-from-env", action="store_true",
+                        help="use CHOREO_KAFKA and CHOREO_REDIS when set, the embedded dev stack for the rest")
     args = parser.parse_args()
     log_dir = Path("bench/out")
     log_dir.mkdir(parents=True, exist_ok=True)
-    from choreo.devstack import start_dev_stack
 
-    if args.observed:
-        return _compare(args.orders, args.rounds, log_dir)
-    with start_dev_stack() as stack:
-        run = uuid.uuid4().hex[:6]
-        settings = Settings(kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
-                            topic_prefix=f"b{run}.", redis_prefix=f"b{run}:")
-        result = asyncio.run(measure(settings, args.orders, log_dir))
+    with broker(args.broker_from_env) as b:
+        for line in machine_lines("bench.chain", sys.argv[1:], b.description):
+            print(line)
+        if args.observed:
+            return _compare(b.settings, args.orders, args.rounds, log_dir)
+        result = asyncio.run(measure(_settings(b.settings), args.orders, log_dir))
     print(f"two-service chain, {result['orders']:.0f} orders in {result['seconds']:.2f} s: "
           f"{result['orders_per_s']:.0f} orders/s end to end = {result['events_per_s']:.0f} events/s handled "
           "(2 services, each one consume + Redis claim/done + emit per event)")
     return 0
 
 
-def _compare(orders: int, rounds: int, log_dir: Path) -> int:
-    from choreo.devstack import start_dev_stack
-
+def _compare(base: Settings, orders: int, rounds: int, log_dir: Path) -> int:
     sink = ThreadingHTTPServer(("127.0.0.1", 0), _OtlpSink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
     observed = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
@@ -126,15 +127,11 @@ def _compare(orders: int, rounds: int, log_dir: Path) -> int:
     sampled = {**observed, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
     variants = {"observability off": None, "tracing + metrics": observed, "same, 10% of sagas traced": sampled}
     figures: dict[str, list[float]] = {name: [] for name in variants}
-    with start_dev_stack() as stack:
-        for _ in range(rounds):
-            for name, env in variants.items():  # interleaved: a noisy machine affects all alike
-                run = uuid.uuid4().hex[:6]
-                settings = Settings(kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
-                                    topic_prefix=f"b{run}.", redis_prefix=f"b{run}:")
-                result = asyncio.run(measure(settings, orders, log_dir, env))
-                figures[name].append(result["events_per_s"])
-                print(f"  {name:28} {result['events_per_s']:8.0f} events/s", flush=True)
+    for _ in range(rounds):
+        for name, env in variants.items():  # interleaved: a noisy machine affects all alike
+            result = asyncio.run(measure(_settings(base), orders, log_dir, env))
+            figures[name].append(result["events_per_s"])
+            print(f"  {name:28} {result['events_per_s']:8.0f} events/s", flush=True)
     sink.shutdown()
     off = statistics.median(figures["observability off"])
     print(f"two-service chain, {orders} orders, {rounds} round(s) each, median events/s handled:")
@@ -142,7 +139,6 @@ def _compare(orders: int, rounds: int, log_dir: Path) -> int:
         median = statistics.median(values)
         print(f"  {name:28} {median:8.0f}  (min {min(values):.0f}, max {max(values):.0f})  = {median / off:.2f} x off")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,29 +12,26 @@ duplicated events are counted too and must be 0.
 
 The ``parallel`` section of ``bench/results.json`` gets ``events_per_s`` (median over rounds) and
 ``order_violations`` (over all rounds) per concurrency; everything else is only printed.
-``--broker-from-env`` uses the broker and Redis of ``CHOREO_KAFKA``/``CHOREO_REDIS`` when both
-are set; otherwise the embedded dev stack is started.
+``--broker-from-env`` uses ``CHOREO_KAFKA``/``CHOREO_REDIS`` when set and the embedded dev stack for
+the rest (see bench/common.py); on another broker than the embedded Tansu the figures go to
+``bench/results-<broker>.json`` unless ``--results`` names a file.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import logging
-import os
 import random
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.common import broker, broker_kind, machine_lines, results_path, write_meta
 from bench.results import write_section
 from choreo import Context, Event, Publisher, Service, Settings
 from choreo.schemas import parse_schema
@@ -231,48 +228,6 @@ def print_report(summaries: Sequence[Summary], *, keys: int, rounds: int) -> Non
           "peak in flight: most handler calls at once)")
 
 
-def machine_lines(argv: Sequence[str], broker: str) -> list[str]:
-    memory = "?"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    except OSError:
-        pass
-    try:
-        # The figures depend on which service.py ran: name the commit and whether the tree was dirty.
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                                check=False, cwd=Path(__file__).resolve().parent).stdout.strip() or "?"
-    except OSError:
-        commit = "?"
-    return [
-        f"command: {shlex.join([_shown(sys.executable), '-m', 'bench.parallel', *argv])}",
-        f"machine: {os.cpu_count()} cores, {memory} memory, Python {sys.version.split()[0]}, commit {commit}",
-        f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-        f"broker: {broker}",
-    ]
-
-
-def _shown(path: str) -> str:
-    """``path`` relative to the working directory when it is below it (``.venv/bin/python``)."""
-    relative = os.path.relpath(path)
-    return path if relative.startswith("..") else relative
-
-
-@contextmanager
-def _broker(from_env: bool) -> Iterator[tuple[Settings, str]]:
-    if from_env and os.environ.get("CHOREO_KAFKA") and os.environ.get("CHOREO_REDIS"):
-        settings = Settings.from_env()
-        yield settings, f"from the environment: {settings.kafka_bootstrap}, {settings.redis_url}"
-        return
-    from choreo.devstack import start_dev_stack
-
-    why = " (CHOREO_KAFKA/CHOREO_REDIS not both set)" if from_env else ""
-    with start_dev_stack() as stack:
-        yield Settings(kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url), \
-            f"embedded dev stack (Tansu + Redis){why}"
-
-
 def _concurrencies(value: str) -> list[int]:
     try:
         levels = [int(v) for v in value.split(",") if v.strip()]
@@ -294,15 +249,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--keys", type=int, default=1000, help="distinct record keys")
     parser.add_argument("--broker-from-env", action="store_true",
-                        help="use CHOREO_KAFKA and CHOREO_REDIS when both are set")
+                        help="use CHOREO_KAFKA and CHOREO_REDIS when set, the embedded dev stack for the rest")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="results file (default: bench/results.json on the embedded Tansu, "
+                             "bench/results-<broker>.json on another broker)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.keys < 1 or (args.events is not None and args.events < 1) or args.events_scale <= 0:
         parser.error("--rounds, --keys, --events and --events-scale must be positive")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    path: Path = args.results or results_path(broker_kind(args.broker_from_env))
 
     runs: dict[int, list[RunResult]] = {c: [] for c in args.concurrency}
-    with _broker(args.broker_from_env) as (base, broker):
-        for line in machine_lines(sys.argv[1:] if argv is None else argv, broker):
+    with broker(args.broker_from_env) as b:
+        base = b.settings
+        lines = machine_lines("bench.parallel", sys.argv[1:] if argv is None else argv, b.description)
+        for line in lines:
             print(line)
         for round_no in range(args.rounds):
             for concurrency in args.concurrency:  # interleaved: a noisy machine affects every level alike
@@ -317,10 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     summaries = [Summary(c, tuple(runs[c])) for c in args.concurrency]
     print_report(summaries, keys=args.keys, rounds=args.rounds)
     print(goal_line(summaries))
-    path = write_section("parallel", {
+    write_section("parallel", {
         str(s.concurrency): {"events_per_s": round(s.median), "order_violations": s.order_violations}
         for s in summaries
-    })
+    }, path=path)
+    write_meta(path, "bench.parallel", lines)
     print(f"wrote section 'parallel' of {path}")
     broken = any(s.order_violations or s.lost or s.duplicated for s in summaries)
     return 1 if broken else 0
