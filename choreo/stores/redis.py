@@ -58,9 +58,9 @@ _CLAIM = _LISTS + """
 local owner = 'c:' .. ARGV[1]
 local out = {}
 for i, key in ipairs(lists(3, 1)[1]) do
-  local v = redis.call('GET', key)
+  -- A fresh key, the common case, costs one command.
+  local v = not redis.call('SET', key, owner, 'NX', 'PX', ARGV[2]) and redis.call('GET', key)
   if not v then
-    redis.call('SET', key, owner, 'PX', ARGV[2])
     out[i] = '1'
   elseif v == 'd' then
     out[i] = '0'
