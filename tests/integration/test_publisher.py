@@ -71,3 +71,17 @@ def test_choreo_dev_prints_addresses_and_stops_on_ctrl_c() -> None:
     out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0
     assert "stopped" in out
+
+
+@pytest.mark.timeout(60)
+async def test_a_send_is_acknowledged_without_waiting_for_linger(settings: Settings) -> None:
+    # A service waits for its batch's acks before marking events done: the transport flushes each send
+    # at once, so even a linger of a minute does not hold it (the waits below would fail long before).
+    lingering = settings.model_copy(update={"linger_ms": 60_000, "kafka_config": {**settings.kafka_config,
+                                                                     "message.timeout.ms": 120_000}})
+    async with Publisher("lingering", settings=lingering) as publisher:
+        ids = await asyncio.wait_for(publisher.publish_many(orders(20, prefix="linger")), 20)
+        await asyncio.wait_for(publisher.publish(orders(1, prefix="linger-one")[0]), 20)
+    async with Sink(settings, OrderPlaced) as sink:
+        await sink.wait_for(21, 30)
+        assert set(ids) <= await sink.redis.smembers(sink.ids_key)
