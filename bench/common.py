@@ -98,9 +98,14 @@ def machine_lines(module: str, argv: Sequence[str], broker: str) -> list[str]:
     except OSError:
         pass
     try:
-        # The figures depend on the code that ran: name the commit and whether the tree was dirty.
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+        # The figures depend on the code that ran: name the commit and whether the tree was dirty, not
+        # counting the results files, which the benches before this one in `make bench` have just written.
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 check=False, cwd=REPO).stdout.strip() or "?"
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  ":(exclude)bench/results*"], capture_output=True, text=True, check=False,
+                                 cwd=REPO).stdout.strip()
+        commit += "-dirty" if changed else ""
     except OSError:
         commit = "?"
     python = os.path.relpath(sys.executable)  # .venv/bin/python when it is below the working directory
