@@ -46,7 +46,8 @@ at both ends; choreo: ``getrusage`` at the first call, ``/proc/<pid>/stat`` when
 seen). Each run line also gives that CPU per second of the run ("N% of a core"): below 100% the process
 was also waiting (broker, Redis, acks), not only computing.
 
-One-hop latency, once per variant after the throughput rounds: a fresh process on fresh topics; once it
+One-hop latency, in every round after its throughput runs, in the same rotating order (p50 and p99 are
+the medians over rounds of each run's): a fresh process on fresh topics; once it
 answers (a probe every 0.2 s), this process publishes ``--latency-rate`` events/s for
 ``--latency-seconds`` with choreo's Publisher, noting the monotonic clock before each publish; latency =
 the output's arrival at this process's consumer minus that (the publisher's linger, two broker hops and
@@ -524,7 +525,7 @@ def measure_latency(base: Settings, variant: str, rate: float, seconds: float, f
 class Summary:
     variant: str
     runs: tuple[Throughput, ...]
-    latency: Latency | None
+    latencies: tuple[Latency, ...]
 
     @property
     def rates(self) -> list[float]:
@@ -541,18 +542,20 @@ class Summary:
 
     @property
     def lost(self) -> int:
-        return sum(r.lost for r in self.runs) + (self.latency.lost if self.latency else 0)
+        return sum(r.lost for r in self.runs) + sum(lat.lost for lat in self.latencies)
 
     @property
     def duplicated(self) -> int:
-        return sum(r.duplicated for r in self.runs) + (self.latency.duplicated if self.latency else 0)
+        return sum(r.duplicated for r in self.runs) + sum(lat.duplicated for lat in self.latencies)
 
     @property
     def strays(self) -> int:
         return sum(r.strays for r in self.runs)
 
     def p(self, q: int) -> float | None:
-        return self.latency.percentile(q) if self.latency else None
+        """The median over rounds of each latency run's ``q``-th percentile."""
+        values = [v for lat in self.latencies if (v := lat.percentile(q)) is not None]
+        return statistics.median(values) if values else None
 
 
 def _num(value: float | None, spec: str) -> str:
@@ -669,7 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
     variants: list[str] = args.variants
     runs: dict[str, list[Throughput]] = {v: [] for v in variants}
-    latencies: dict[str, Latency] = {}
+    latencies: dict[str, list[Latency]] = {v: [] for v in variants}
     try:
         with broker(args.broker_from_env) as on, tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
             base, files = on.settings, Path(tmp)
@@ -687,19 +690,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                 choreo_env, args.slow_events if variant in ONE_AT_A_TIME else None)
                     runs[variant].append(result)
                     print(f"  round {round_no + 1}, {variant:<{NAME_WIDTH}}: {_run_line(result)}", flush=True)
-            if args.latency_seconds:
-                for variant in variants:
+                # Latency in every round too, in the same rotation: on Apache Kafka the broker's tail
+                # latency grew with the topics of the runs before, which must not favour whichever ran first.
+                for variant in (variants[shift:] + variants[:shift]) if args.latency_seconds else []:
                     lat = measure_latency(base, variant, args.latency_rate, args.latency_seconds, files, observed_env,
                                           choreo_env)
-                    latencies[variant] = lat
-                    print(f"  latency, {variant:<{NAME_WIDTH}}: {len(lat.samples_ms)} of {lat.sent} events, p50 "
-                          f"{_num(lat.percentile(50), '.1f')} ms, p99 {_num(lat.percentile(99), '.1f')} ms, "
-                          f"max {_num(max(lat.samples_ms, default=None), '.1f')} ms, {lat.lost} lost, "
-                          f"{lat.duplicated} duplicated", flush=True)
+                    latencies[variant].append(lat)
+                    print(f"  round {round_no + 1}, latency, {variant:<{NAME_WIDTH}}: {len(lat.samples_ms)} of "
+                          f"{lat.sent} events, p50 {_num(lat.percentile(50), '.1f')} ms, p99 "
+                          f"{_num(lat.percentile(99), '.1f')} ms, max {_num(max(lat.samples_ms, default=None), '.1f')} "
+                          f"ms, {lat.lost} lost, {lat.duplicated} duplicated", flush=True)
     finally:
         sink.shutdown()
 
-    summaries = [Summary(v, tuple(runs[v]), latencies.get(v)) for v in variants]
+    summaries = [Summary(v, tuple(runs[v]), tuple(latencies[v])) for v in variants]
     latency = (f"at {args.latency_rate:.0f} events/s for {args.latency_seconds:g} s" if args.latency_seconds
                else "not measured")
     print_report(summaries, events=args.events, rounds=args.rounds, latency=latency, slow=args.slow_events)
