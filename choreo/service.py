@@ -442,15 +442,17 @@ class Service:
         if self._late:
             timeout = min(timeout, 0.01)  # settle late calls soon after they finish
         records = await transport.fetch(self.settings.batch_size, timeout)
-        if not records and (due_in is None or self._next_due() != 0.0) and not any(
-                i.task is not None and i.task.done() for i in self._late.values()):
-            return 0
         metrics = self._metrics
         if metrics is not None and metrics.enabled:
             now = time.monotonic()
+            # Also while idle: a caught-up (or stuck) consumer must still report its lag.
             if now - self._lag_at >= 1.0:
                 self._lag_at = now
                 metrics.set_lag(transport.lag())
+        if not records and (due_in is None or self._next_due() != 0.0) and not any(
+                i.task is not None and i.task.done() for i in self._late.values()):
+            return 0
+        if metrics is not None and metrics.enabled:
             metrics.set_in_flight(len(records) + self._buffered + len(self._late), len(self._backpressured))
             try:
                 await self._process(records)
