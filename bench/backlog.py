@@ -44,6 +44,7 @@ from pathlib import Path
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from bench.common import total_memory
 from choreo import Context, Event, Publisher, Service, Settings
 from choreo.schemas import parse_schema
 from choreo.wire import Wire, new_event_id
@@ -315,13 +316,7 @@ def _cleanup(settings: Settings, offsets: GroupOffsets) -> None:
 
 
 def machine_lines(argv: Sequence[str], broker: str) -> list[str]:
-    memory = "?"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    except OSError:
-        pass
+    memory = total_memory()
     try:
         load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:

@@ -29,27 +29,14 @@ import sys
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from bench.common import broker, free_port, machine_lines
+from bench.common import OtlpSink, broker, free_port, machine_lines
 from choreo import Publisher, Settings
 from services.events import OrderPlaced
-
-
-class _OtlpSink(BaseHTTPRequestHandler):
-    """Accepts OTLP/HTTP exports and drops them: the cost measured is the services', not a backend's."""
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: object) -> None:
-        return None
 
 
 async def measure(settings: Settings, orders: int, log_dir: Path,
@@ -120,7 +107,7 @@ def main() -> int:
 
 
 def _compare(base: Settings, orders: int, rounds: int, log_dir: Path) -> int:
-    sink = ThreadingHTTPServer(("127.0.0.1", 0), _OtlpSink)
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
     observed = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
                 "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}

@@ -20,6 +20,7 @@ import shlex
 import socket
 import subprocess
 import sys
+from http.server import BaseHTTPRequestHandler
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -88,15 +89,20 @@ def broker(from_env: bool) -> Iterator[Broker]:
             yield Broker(settings, kind, f"embedded dev stack (Tansu + Redis){why}")
 
 
-def machine_lines(module: str, argv: Sequence[str], broker: str) -> list[str]:
-    """``command:``, ``machine:``, ``date:`` and ``broker:`` lines: what a figure was measured on."""
-    memory = "?"
+def total_memory() -> str:
+    """The machine's memory, e.g. ``23.5 GiB`` (``?`` where /proc/meminfo cannot be read)."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
-                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+                return f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
     except OSError:
         pass
+    return "?"
+
+
+def machine_lines(module: str, argv: Sequence[str], broker: str) -> list[str]:
+    """``command:``, ``machine:``, ``date:`` and ``broker:`` lines: what a figure was measured on."""
+    memory = total_memory()
     try:
         # The figures depend on the code that ran: name the commit and whether the tree was dirty, not
         # counting the results files, which the benches before this one in `make bench` have just written.
@@ -139,3 +145,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class OtlpSink(BaseHTTPRequestHandler):
+    """Accepts OTLP/HTTP exports and drops them: the cost measured is the services', not a backend's."""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        return None

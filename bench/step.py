@@ -91,7 +91,7 @@ import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from bench.common import broker, broker_kind, free_port, machine_lines, results_path, write_meta
+from bench.common import OtlpSink, broker, broker_kind, free_port, machine_lines, results_path, write_meta
 from bench.results import write_section
 from bench.step_app import PAYLOAD_CHARS, StepDone, StepRequested
 from bench.step_raw import CAUSATION_ID, clock, consume
@@ -132,19 +132,6 @@ REPO = Path(__file__).resolve().parent.parent
 # librdkafka's informational lines (a client purging its queue at exit ...) go through logging, WARNING and up.
 _LIBRDKAFKA_LOG = logging.getLogger("bench.step.librdkafka")
 LOG_DIR = REPO / "bench" / "out"
-
-
-class _OtlpSink(BaseHTTPRequestHandler):
-    """Accepts OTLP/HTTP exports and drops them: the cost measured is the service's, not a backend's."""
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: object) -> None:
-        return None
 
 
 # -- one run ------------------------------------------------------------------------------------------
@@ -666,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results_file: Path = args.results or results_path(broker_kind(args.broker_from_env))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    sink = ThreadingHTTPServer(("127.0.0.1", 0), _OtlpSink)
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
     threading.Thread(target=sink.serve_forever, name="otlp-sink", daemon=True).start()
     observed_env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
                     "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}

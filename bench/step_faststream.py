@@ -57,18 +57,16 @@ until SIGTERM or SIGINT (FastStream's own handlers). Nothing from choreo is impo
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from operator import attrgetter, methodcaller
 from typing import Any
 
 import redis.asyncio as aioredis
 from faststream import FastStream
 
-from bench.step_raw import CAUSATION_ID, EVENT_ID, LEASE_MS, Report, clock, cpu_seconds
+from bench.step_raw import CAUSATION_ID, EVENT_ID, LEASE_MS, Report, clock, cpu_seconds, write_report
 
 BACKENDS = ("confluent", "aiokafka")
 
@@ -149,9 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = asyncio.run(_run(args))
     if report.delivery_errors:
         print(f"publish failed for {report.delivery_errors} records", file=sys.stderr, flush=True)
-    if args.report:
-        with open(args.report, "w") as f:
-            json.dump(asdict(report), f)
+    write_report(args.report, report)
     return 1 if report.delivery_errors else 0
 
 

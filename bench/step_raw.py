@@ -87,6 +87,13 @@ def consume(consumer: Consumer, max_records: int, timeout: float) -> list[Messag
     return [first, *consumer.consume(max_records - 1, 0)]
 
 
+def write_report(path: str | None, report: "Report") -> None:
+    """The JSON report bench.step reads (none without ``--report``)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(asdict(report), f)
+
+
 @dataclass
 class Report:
     variant: str
@@ -237,9 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.delivery_errors = acks.errors
     if acks.first_error:
         print(f"delivery failed for {acks.errors} records, first: {acks.first_error}", file=sys.stderr, flush=True)
-    if args.report:
-        with open(args.report, "w") as f:
-            json.dump(asdict(report), f)
+    write_report(args.report, report)
     return 1 if acks.errors else 0
 
 
