@@ -26,15 +26,13 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from bench.common import OtlpSink, broker, free_port, machine_lines
+from bench.common import broker, free_port, machine_lines, otlp_sink
 from choreo import Publisher, Settings
 from services.events import OrderPlaced
 
@@ -107,25 +105,22 @@ def main() -> int:
 
 
 def _compare(base: Settings, orders: int, rounds: int, log_dir: Path) -> int:
-    sink = ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
-    threading.Thread(target=sink.serve_forever, daemon=True).start()
-    observed = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
-                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
-    sampled = {**observed, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
-    variants = {"observability off": None, "tracing + metrics": observed, "same, 10% of sagas traced": sampled}
-    figures: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, env in variants.items():  # interleaved: a noisy machine affects all alike
-            result = asyncio.run(measure(_settings(base), orders, log_dir, env))
-            figures[name].append(result["events_per_s"])
-            print(f"  {name:28} {result['events_per_s']:8.0f} events/s", flush=True)
-    sink.shutdown()
+    with otlp_sink() as observed:
+        sampled = {**observed, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+        variants = {"observability off": None, "tracing + metrics": observed, "same, 10% of sagas traced": sampled}
+        figures: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(rounds):
+            for name, env in variants.items():  # interleaved: a noisy machine affects all alike
+                result = asyncio.run(measure(_settings(base), orders, log_dir, env))
+                figures[name].append(result["events_per_s"])
+                print(f"  {name:28} {result['events_per_s']:8.0f} events/s", flush=True)
     off = statistics.median(figures["observability off"])
     print(f"two-service chain, {orders} orders, {rounds} round(s) each, median events/s handled:")
     for name, values in figures.items():
         median = statistics.median(values)
         print(f"  {name:28} {median:8.0f}  (min {min(values):.0f}, max {max(values):.0f})  = {median / off:.2f} x off")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,7 +20,8 @@ import shlex
 import socket
 import subprocess
 import sys
-from http.server import BaseHTTPRequestHandler
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -145,6 +146,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextmanager
+def otlp_sink() -> Iterator[dict[str, str]]:
+    """A running :class:`OtlpSink` on a free port, for as long as the block runs; yields the ``OTEL_*``
+    variables that point an OTLP/HTTP exporter at it."""
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
+    threading.Thread(target=sink.serve_forever, name="otlp-sink", daemon=True).start()
+    try:
+        yield {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
+               "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+    finally:
+        sink.shutdown()
+        sink.server_close()
 
 
 class OtlpSink(BaseHTTPRequestHandler):

@@ -23,44 +23,47 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import os
 import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from http.server import ThreadingHTTPServer
 
-from bench.common import OtlpSink, broker, machine_lines
-from bench.step_app import StepDone, StepRequested
-from choreo import Context, Publisher, Service, Settings
+from bench.common import broker, machine_lines, otlp_sink
+from bench.step_app import PAYLOAD_CHARS, StepDone, StepRequested, step
+from choreo import Publisher, Service, Settings
+from choreo.cli.run import tune_gc
 from choreo.metrics import Metrics
 from choreo.stores.redis import RedisIdempotencyStore, RedisParkingLot
 from choreo.tracing import Tracing
 from choreo.transport.memory import MemoryBroker, MemoryTransport
 
 VARIANTS = ("choreo", "choreo-observed")
-PAYLOAD = "p" * 180  # the size of bench.step's payload
+PAYLOAD = "p" * PAYLOAD_CHARS
 PUBLISH_CHUNK = 5_000
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
 
 async def run_once(variant: str, events: int, handle: bool, redis_url: str) -> float:
     """Preload ``events``, then (if ``handle``) handle them all; main-thread CPU seconds of handling."""
+    if variant != "choreo-observed":
+        return await _measure(Tracing.off(), Metrics.off(), events, handle, redis_url)
+    with otlp_sink() as env:
+        # The OTLP exporters read their endpoint from the process environment, as in a deployment.
+        os.environ.update(env)
+        try:
+            return await _measure(Tracing.from_env("step"), Metrics.from_settings("step", 0), events, handle,
+                                  redis_url)
+        finally:
+            for name in env:
+                os.environ.pop(name, None)
+
+
+async def _measure(tracing: Tracing, metrics: Metrics, events: int, handle: bool, redis_url: str) -> float:
     config = Settings(topic_prefix=f"cpu-{os.getpid()}.", topic_partitions=4, redis_url=redis_url,
                       redis_prefix=f"cpu-{os.getpid()}-{time.monotonic_ns()}:")
     memory = MemoryBroker()
-    sink: ThreadingHTTPServer | None = None
-    tracing, metrics = Tracing.off(), Metrics.off()
-    if variant == "choreo-observed":
-        sink = ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
-        threading.Thread(target=sink.serve_forever, daemon=True).start()
-        # The OTLP exporters read their endpoint from the process environment, as in a deployment.
-        os.environ.update({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
-                           "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"})
-        tracing, metrics = Tracing.from_env("step"), Metrics.from_settings("step", 0)
     async with Publisher("bench", settings=config, transport=MemoryTransport(memory)) as publisher:
         sagas = [f"saga-{i:06d}" for i in range(events)]
         for start in range(0, events, PUBLISH_CHUNK):
@@ -70,28 +73,16 @@ async def run_once(variant: str, events: int, handle: bool, redis_url: str) -> f
     store = RedisIdempotencyStore(redis_url)
     service = Service("step", settings=config, transport=MemoryTransport(memory), idempotency=store,
                       parking=RedisParkingLot(store.redis, redis_url), tracing=tracing, metrics=metrics)
-
-    @service.on(StepRequested, emits=[StepDone])
-    async def step(event: StepRequested, ctx: Context) -> None:
-        ctx.emit(StepDone(saga_id=event.saga_id, payload=event.payload))
-
+    service.on(StepRequested, emits=[StepDone])(step)  # bench.step's handler
     try:
         await service.start()
-        # As `choreo run` does (see choreo.cli.run.tune_gc), so the figure is a deployed service's.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(25_000, 20, 10)
+        tune_gc()  # as `choreo run` does, so the figure is a deployed service's
         cpu = time.thread_time()
         while handle and service.stats.processed < events:
             await service.poll_once(0.01)
-        cpu = time.thread_time() - cpu
+        return time.thread_time() - cpu
     finally:
         await service.close()
-        if sink is not None:
-            sink.shutdown()
-            for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL"):
-                os.environ.pop(name, None)
-    return cpu
 
 
 def _instructions(variant: str, events: int, handle: bool, redis_url: str) -> int:

@@ -91,7 +91,6 @@ import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +98,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from bench.common import OtlpSink, broker, broker_kind, free_port, machine_lines, results_path, write_meta
+from bench.common import broker, broker_kind, free_port, machine_lines, otlp_sink, results_path, write_meta
 from bench.results import write_section
 from bench.step_app import PAYLOAD_CHARS, StepDone, StepRequested
 from bench.step_raw import CAUSATION_ID, clock, consume
@@ -653,42 +652,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results_file: Path = args.results or results_path(broker_kind(args.broker_from_env))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    sink = ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
-    threading.Thread(target=sink.serve_forever, name="otlp-sink", daemon=True).start()
-    observed_env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
-                    "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
     variants: list[str] = args.variants
     runs: dict[str, list[Throughput]] = {v: [] for v in variants}
     latencies: dict[str, list[Latency]] = {v: [] for v in variants}
-    try:
-        with broker(args.broker_from_env) as on, tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
-            base, files = on.settings, Path(tmp)
-            header = machine_lines("bench.step", sys.argv[1:] if argv is None else argv, on.description)
-            for line in header:
-                print(line)
-            if choreo_env:
-                shown = shlex.join(f"{k}={v}" for k, v in choreo_env.items())
-                print(f"choreo variants NOT at default settings: {shown}")
-            for round_no in range(args.rounds):
-                # Interleaved, and each round starts with the next variant: no variant always runs first.
-                shift = round_no % len(variants)
-                for variant in variants[shift:] + variants[:shift]:
-                    result = measure_throughput(base, variant, args.events, round_no, files, observed_env,
-                                                choreo_env, args.slow_events if variant in ONE_AT_A_TIME else None)
-                    runs[variant].append(result)
-                    print(f"  round {round_no + 1}, {variant:<{NAME_WIDTH}}: {_run_line(result)}", flush=True)
-                # Latency in every round too, in the same rotation: on Apache Kafka the broker's tail
-                # latency grew with the topics of the runs before, which must not favour whichever ran first.
-                for variant in (variants[shift:] + variants[:shift]) if args.latency_seconds else []:
-                    lat = measure_latency(base, variant, args.latency_rate, args.latency_seconds, files, observed_env,
-                                          choreo_env)
-                    latencies[variant].append(lat)
-                    print(f"  round {round_no + 1}, latency, {variant:<{NAME_WIDTH}}: {len(lat.samples_ms)} of "
-                          f"{lat.sent} events, p50 {_num(lat.percentile(50), '.1f')} ms, p99 "
-                          f"{_num(lat.percentile(99), '.1f')} ms, max {_num(max(lat.samples_ms, default=None), '.1f')} "
-                          f"ms, {lat.lost} lost, {lat.duplicated} duplicated", flush=True)
-    finally:
-        sink.shutdown()
+    with otlp_sink() as observed_env, broker(args.broker_from_env) as on, \
+        tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
+        base, files = on.settings, Path(tmp)
+        header = machine_lines("bench.step", sys.argv[1:] if argv is None else argv, on.description)
+        for line in header:
+            print(line)
+        if choreo_env:
+            shown = shlex.join(f"{k}={v}" for k, v in choreo_env.items())
+            print(f"choreo variants NOT at default settings: {shown}")
+        for round_no in range(args.rounds):
+            # Interleaved, and each round starts with the next variant: no variant always runs first.
+            shift = round_no % len(variants)
+            for variant in variants[shift:] + variants[:shift]:
+                result = measure_throughput(base, variant, args.events, round_no, files, observed_env,
+                                            choreo_env, args.slow_events if variant in ONE_AT_A_TIME else None)
+                runs[variant].append(result)
+                print(f"  round {round_no + 1}, {variant:<{NAME_WIDTH}}: {_run_line(result)}", flush=True)
+            # Latency in every round too, in the same rotation: on Apache Kafka the broker's tail
+            # latency grew with the topics of the runs before, which must not favour whichever ran first.
+            for variant in (variants[shift:] + variants[:shift]) if args.latency_seconds else []:
+                lat = measure_latency(base, variant, args.latency_rate, args.latency_seconds, files, observed_env,
+                                      choreo_env)
+                latencies[variant].append(lat)
+                print(f"  round {round_no + 1}, latency, {variant:<{NAME_WIDTH}}: {len(lat.samples_ms)} of "
+                      f"{lat.sent} events, p50 {_num(lat.percentile(50), '.1f')} ms, p99 "
+                      f"{_num(lat.percentile(99), '.1f')} ms, max {_num(max(lat.samples_ms, default=None), '.1f')} "
+                      f"ms, {lat.lost} lost, {lat.duplicated} duplicated", flush=True)
 
     summaries = [Summary(v, tuple(runs[v]), tuple(latencies[v])) for v in variants]
     latency = (f"at {args.latency_rate:.0f} events/s for {args.latency_seconds:g} s" if args.latency_seconds
