@@ -22,6 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar, Union
 
 from pydantic import BaseModel, ConfigDict
@@ -87,6 +88,7 @@ class Event(BaseModel):
     __choreo_schema__: ClassVar[AvroSchema]
     __choreo_topic__: ClassVar[str]
     __choreo_trusted__: ClassVar[bool]
+    __choreo_from_avro__: ClassVar[Callable[[dict[str, Any]], Event]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # The class keywords are consumed by __pydantic_init_subclass__, which runs once the fields exist.
@@ -114,6 +116,7 @@ class Event(BaseModel):
         ) and all(
             _is_plain(f.annotation) and not f.metadata for f in cls.model_fields.values()
         )
+        cls.__choreo_from_avro__ = _trusted_builder(cls) if cls.__choreo_trusted__ else cls.model_validate
 
     @classmethod
     def event_type(cls) -> str:
@@ -138,17 +141,28 @@ class Event(BaseModel):
     @classmethod
     def from_avro(cls, record: dict[str, Any]) -> Event:
         """Build an event from an Avro-decoded record (pydantic.ValidationError if it fails the model)."""
-        if cls.__choreo_trusted__:
-            # What model_construct does, minus defaults handling: Avro resolution already filled every
-            # field of the reader schema, which check_model proved equal to the model's fields.
-            event = object.__new__(cls)
-            _set = object.__setattr__
-            _set(event, "__dict__", record)
-            _set(event, "__pydantic_fields_set__", set(record))
-            _set(event, "__pydantic_extra__", None)
-            _set(event, "__pydantic_private__", None)
-            return event
-        return cls.model_validate(record)
+        return cls.__choreo_from_avro__(record)
+
+
+def _trusted_builder(cls: type[Event]) -> Callable[[dict[str, Any]], Event]:
+    """What model_construct does, minus defaults handling: Avro resolution already filled every field
+    of the reader schema, which check_model proved equal to the model's fields. Through BaseModel's
+    slot descriptors, bound once: this runs for every event a service decodes."""
+    new, set_dict = object.__new__, object.__setattr__
+    slots = vars(BaseModel)
+    set_fields = slots["__pydantic_fields_set__"].__set__
+    set_extra = slots["__pydantic_extra__"].__set__
+    set_private = slots["__pydantic_private__"].__set__
+
+    def build(record: dict[str, Any]) -> Event:
+        event = new(cls)
+        set_dict(event, "__dict__", record)
+        set_fields(event, set(record))
+        set_extra(event, None)
+        set_private(event, None)
+        return event
+
+    return build
 
 
 _TOPIC_RE = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")

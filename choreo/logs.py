@@ -70,6 +70,17 @@ class event_context:  # noqa: N801 - used like a function: ``with event_context(
         _current.reset(self._token)
 
 
+def enter_event(service: str, handler: str, event_id: str, saga_id: str,
+                trace_id: str | None = None) -> Token[EventFields | None]:
+    """``event_context``'s entry without its object, for the service's per-event path: pass the
+    token to ``leave_event`` in a ``finally``. A ``with`` block costs twice as much per event."""
+    return _current.set(tuple.__new__(EventFields, (service, handler, event_id, saga_id, trace_id)))
+
+
+def leave_event(token: Token[EventFields | None]) -> None:
+    _current.reset(token)
+
+
 def current_fields() -> EventFields | None:
     """The fields of the innermost ``event_context`` around the caller, None outside any."""
     return _current.get()

@@ -62,7 +62,7 @@ from choreo.retry import (
 )
 from choreo.saga import STOPPED_STATUSES, CompensationFailed
 from choreo.settings import Settings
-from choreo.logs import event_context
+from choreo.logs import enter_event, event_context, leave_event
 from choreo.metrics import Metrics
 from choreo.tracing import Tracing, trace_id_of
 from choreo.transport import OutgoingRecord, Record, TopicPartition, TopicSpec, Transport
@@ -89,7 +89,8 @@ class _Item:
     key: str
     claim: ClaimResult = ClaimResult.BUSY
     outcome: int = _NOT_RUN
-    out: list[OutgoingRecord] = field(default_factory=list)
+    # Tuples, not default lists: two lists per event are measurable, and both are only ever replaced.
+    out: Sequence[OutgoingRecord] = ()
     copy_of: _Item | None = None  # an earlier item of this batch with the same idempotency key
     stopped_saga: str | None = None  # the status of a saga whose forward steps no longer run
     error: BaseException | None = None  # the handler's exception when it failed
@@ -98,7 +99,7 @@ class _Item:
     gate: Gate | None = None
     delay: float = 0.0  # the backoff before the next attempt, once it failed
     due_ms: int = 0  # when its retry record may run (epoch ms)
-    spans: list[Any] = field(default_factory=list)  # producer spans of its emitted events, ended on ack
+    spans: Sequence[Any] = ()  # producer spans of its emitted events, ended on ack
     #: Held over to a later batch: when it may run again (monotonic s), or ``_BEHIND`` an earlier
     #: event of its chain, with which it goes.
     not_before: float = 0.0
@@ -108,8 +109,8 @@ class _Item:
 
     def _reset(self) -> _Item:
         """Forget the outcome of a run, for an event held over to a later batch."""
-        self.claim, self.outcome, self.out, self.copy_of = ClaimResult.BUSY, _NOT_RUN, [], None
-        self.stopped_saga, self.error, self.gate, self.spans = None, None, None, []
+        self.claim, self.outcome, self.out, self.copy_of = ClaimResult.BUSY, _NOT_RUN, (), None
+        self.stopped_saga, self.error, self.gate, self.spans = None, None, None, ()
         return self
 
 
@@ -1154,99 +1155,101 @@ class Service:
                                time.time() - env.occurred_at_datetime().timestamp())
             trace_id = f"{span.get_span_context().trace_id:032x}" if span is not None else None
             # Every log line about this event, the handler's own included, names it.
-            with event_context(service=self.name, handler=item.sub.name, event_id=env.event_id,
-                               saga_id=env.correlation_id, trace_id=trace_id):
-                try:
-                    if current is not None:
-                        current[slot] = item
-                    if span is None:
-                        await self._call(item.sub, item.event, ctx)
-                    else:
-                        with tracing.activate(span):
-                            await self._call(item.sub, item.event, ctx)
-                    if current is not None:
-                        del current[slot]
-                    item.out = [
-                        wire.encode(
-                            event,
-                            event_id=derive_event_id(env.event_id, item.sub.name, index),
-                            correlation_id=env.correlation_id,
-                            causation_id=env.event_id,
-                            key=key,
-                            occurred_at=self._batch_time,
-                        )
-                        for index, (event, key) in enumerate(ctx.emitted)
-                    ]
-                    if span is not None:
-                        item.spans = tracing.producer_spans(
-                            item.out, span, [self._send_attributes(r, env) for r in item.out] if span.is_recording()
-                            else [])
-                        span.end()
-                    if metrics is not None:
-                        metrics.handled(item.sub.name, env.event_type, "ok", time.perf_counter() - started)
-                except Exception as exc:  # the handler's failure is the event's, not the service's
-                    if current is not None:
-                        current.pop(slot, None)
-                    item.error = exc
-                    if breaker is not None:
-                        # A handler that chose to dead-letter (or has a bug) reached its dependency fine.
-                        breaker.success() if isinstance(exc, (DeadLetterNow, EmitError)) else breaker.failure()
-                    key = (_tp(item.record), item.record.offset, item.sub.name)
-                    prior = item.retry
-                    attempts, since = self._attempts.get(key) or (
-                        (prior.attempts, prior.first_failure) if prior is not None else (0, ""))
-                    attempts += 1
-                    self._attempts[key] = (attempts, since or utc_now_iso())
-                    policy = item.sub.retry or self.retry
-                    self.stats.failed += 1
-                    gives_up = policy.gives_up(exc, attempts)
-                    if metrics is not None:
-                        metrics.handled(item.sub.name, env.event_type, "dead_lettered" if gives_up else "failed",
-                                        time.perf_counter() - started)
-                        metrics.counted(item.sub.name, env.event_type, "failed")
-                    if gives_up:
-                        item.outcome = _DEAD  # dead-lettered by _process; the partition moves on
-                        if span is not None:
-                            origin = item.retry.origin[0] if item.retry is not None else item.record.topic
-                            Tracing.failed(span, exc, dead_letter_topic=dead_letter_topic(origin))
-                            span.end()
-                        continue
-                    self.stats.retried += 1
-                    if metrics is not None:
-                        metrics.counted(item.sub.name, env.event_type, "retried")
-                    if isinstance(exc, RetryLater) and exc.delay_s is not None:
-                        item.delay = exc.delay_s
-                    else:
-                        item.delay = policy.delay(attempts)
-                    long_wait = item.delay > policy.in_process_max_s and bool(self._retry_sources)
-                    self._log.warning(
-                        "handler %s failed on %s [%d] offset %d (event %s), attempt %d of %d: %s: %s; next attempt "
-                        "in %.2f s%s",
-                        item.sub.name, item.record.topic, item.record.partition, item.record.offset,
-                        env.event_id, attempts, policy.max_attempts, type(exc).__name__, exc, item.delay,
-                        " through a retry topic" if long_wait else "",
-                        exc_info=not isinstance(exc, (ChoreoError, RetryLater)),
+            fields = enter_event(self.name, item.sub.name, env.event_id, env.correlation_id, trace_id)
+            try:
+                if current is not None:
+                    current[slot] = item
+                sub = item.sub
+                call: Awaitable[None] = (
+                    self._call_blocking(sub, item.event, ctx) if sub.blocking
+                    else sub.handler(item.event, ctx))  # type: ignore[assignment]  # an async def (see Subscription.build)
+                if span is None:
+                    await call
+                else:
+                    with tracing.activate(span):
+                        await call
+                if current is not None:
+                    del current[slot]
+                item.out = [
+                    wire.encode(
+                        event,
+                        event_id=derive_event_id(env.event_id, item.sub.name, index),
+                        correlation_id=env.correlation_id,
+                        causation_id=env.event_id,
+                        key=key,
+                        occurred_at=self._batch_time,
                     )
+                    for index, (event, key) in enumerate(ctx.emitted)
+                ]
+                if span is not None:
+                    item.spans = tracing.producer_spans(
+                        item.out, span, [self._send_attributes(r, env) for r in item.out] if span.is_recording()
+                        else [])
+                    span.end()
+                if metrics is not None:
+                    metrics.handled(item.sub.name, env.event_type, "ok", time.perf_counter() - started)
+            except Exception as exc:  # the handler's failure is the event's, not the service's
+                if current is not None:
+                    current.pop(slot, None)
+                item.error = exc
+                if breaker is not None:
+                    # A handler that chose to dead-letter (or has a bug) reached its dependency fine.
+                    breaker.success() if isinstance(exc, (DeadLetterNow, EmitError)) else breaker.failure()
+                key = (_tp(item.record), item.record.offset, item.sub.name)
+                prior = item.retry
+                attempts, since = self._attempts.get(key) or (
+                    (prior.attempts, prior.first_failure) if prior is not None else (0, ""))
+                attempts += 1
+                self._attempts[key] = (attempts, since or utc_now_iso())
+                policy = item.sub.retry or self.retry
+                self.stats.failed += 1
+                gives_up = policy.gives_up(exc, attempts)
+                if metrics is not None:
+                    metrics.handled(item.sub.name, env.event_type, "dead_lettered" if gives_up else "failed",
+                                    time.perf_counter() - started)
+                    metrics.counted(item.sub.name, env.event_type, "failed")
+                if gives_up:
+                    item.outcome = _DEAD  # dead-lettered by _process; the partition moves on
                     if span is not None:
-                        Tracing.failed(span, exc, retry_in_s=item.delay, via="retry topic" if long_wait else "in place")
+                        origin = item.retry.origin[0] if item.retry is not None else item.record.topic
+                        Tracing.failed(span, exc, dead_letter_topic=dead_letter_topic(origin))
                         span.end()
-                    if long_wait:
-                        # The partition moves on; the key's later events wait behind this one.
-                        item.outcome = _TO_RETRY
-                        item.due_ms = self._batch_ms + int(item.delay * 1000)
-                        if pk is not None:
-                            held[pk] = item.due_ms
-                        continue
-                    item.outcome = _FAILED
-                    return
+                    continue
+                self.stats.retried += 1
+                if metrics is not None:
+                    metrics.counted(item.sub.name, env.event_type, "retried")
+                if isinstance(exc, RetryLater) and exc.delay_s is not None:
+                    item.delay = exc.delay_s
+                else:
+                    item.delay = policy.delay(attempts)
+                long_wait = item.delay > policy.in_process_max_s and bool(self._retry_sources)
+                self._log.warning(
+                    "handler %s failed on %s [%d] offset %d (event %s), attempt %d of %d: %s: %s; next attempt "
+                    "in %.2f s%s",
+                    item.sub.name, item.record.topic, item.record.partition, item.record.offset,
+                    env.event_id, attempts, policy.max_attempts, type(exc).__name__, exc, item.delay,
+                    " through a retry topic" if long_wait else "",
+                    exc_info=not isinstance(exc, (ChoreoError, RetryLater)),
+                )
+                if span is not None:
+                    Tracing.failed(span, exc, retry_in_s=item.delay, via="retry topic" if long_wait else "in place")
+                    span.end()
+                if long_wait:
+                    # The partition moves on; the key's later events wait behind this one.
+                    item.outcome = _TO_RETRY
+                    item.due_ms = self._batch_ms + int(item.delay * 1000)
+                    if pk is not None:
+                        held[pk] = item.due_ms
+                    continue
+                item.outcome = _FAILED
+                return
+            finally:
+                leave_event(fields)
             if breaker is not None:
                 breaker.success()
             item.outcome = _OK
 
-    async def _call(self, sub: Subscription, event: Event, ctx: Context) -> None:
-        if not sub.blocking:
-            await sub.handler(event, ctx)  # type: ignore[misc]  # an async def (see Subscription.build)
-            return
+    async def _call_blocking(self, sub: Subscription, event: Event, ctx: Context) -> None:
         if self._threads is None:
             self._threads = ThreadPoolExecutor(self.settings.handler_threads, thread_name_prefix=f"{self.name}-handler")
         # A copy of this task's context, so the handler's logs and spans know their event.

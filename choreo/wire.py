@@ -57,7 +57,8 @@ def _to_avro(value: Any) -> Any:
 
 
 class _TypeInfo:
-    __slots__ = ("cls", "codec", "type_name", "type_bytes", "type_header", "schema_header", "topic", "to_record")
+    __slots__ = ("cls", "codec", "type_name", "type_bytes", "type_header", "schema_header", "fingerprint", "topic",
+                 "to_record", "from_avro")
 
     def __init__(self, cls: type[Event], codec: Codec, topic_prefix: str) -> None:
         schema = cls.avro_schema()
@@ -67,6 +68,8 @@ class _TypeInfo:
         self.type_bytes = schema.full_name.encode()
         self.type_header = (_H_TYPE, self.type_bytes)
         self.schema_header = (_H_SCHEMA, f"{schema.fingerprint:016x}".encode())
+        self.fingerprint = schema.fingerprint
+        self.from_avro = cls.__choreo_from_avro__
         self.topic = topic_prefix + cls.topic()
         self.to_record: Callable[[Event], Any] = (
             (lambda e: e.__dict__) if cls.__choreo_trusted__ else (lambda e: _to_avro(e.model_dump()))
@@ -147,7 +150,9 @@ class Wire:
             correlation = headers[_H_CORR].decode()
             occurred = headers[_H_AT].decode()
             producer = headers[_H_PROD].decode()
-            fingerprint = int(headers[_H_SCHEMA], 16)
+            schema = headers[_H_SCHEMA]
+            # The reader's own schema, nearly always: a comparison instead of parsing hex.
+            fingerprint = info.fingerprint if schema == info.schema_header[1] else int(schema, 16)
             cause = headers.get(_H_CAUSE)
             attempt = headers.get(_H_ATTEMPT)
             causation_id = cause.decode() if cause else None
@@ -174,7 +179,7 @@ class Wire:
             raise DecodeError("the record has no value", reason="not-avro")
         data = info.codec.decode(record.value)
         try:
-            event = cls.from_avro(data)
+            event = info.from_avro(data)
         except pydantic.ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
