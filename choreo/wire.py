@@ -124,17 +124,18 @@ class Wire:
     ) -> OutgoingRecord:
         info = self._types.get(type(event)) or self.add(type(event))
         value = info.codec.encode(info.to_record(event))
+        correlation = correlation_id.encode()
         headers: list[tuple[str, bytes | None]] = [
             (_H_ID, event_id.encode()),
             info.type_header,
             info.schema_header,
-            (_H_CORR, correlation_id.encode()),
+            (_H_CORR, correlation),
             (_H_AT, (occurred_at or utc_now_iso()).encode()),
             self._producer_header,
         ]
         if causation_id is not None:
             headers.append((_H_CAUSE, causation_id.encode()))
-        return OutgoingRecord(topic or info.topic, (key or correlation_id).encode(), value, headers)
+        return OutgoingRecord(topic or info.topic, key.encode() if key else correlation, value, headers)
 
     def decode(self, record: Record, cls: type[Event]) -> tuple[Envelope, Event]:
         """The envelope and typed event of ``record``, expected to hold a ``cls`` event.
