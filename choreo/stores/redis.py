@@ -22,30 +22,29 @@ from choreo.parking import Gate, GateResult
 # the lists come element by element after a count (a batch whose values hold every separator tried).
 # Keys are therefore not declared in KEYS: standalone Redis, which is what choreo supports.
 _LISTS = """
-local function lists(first, count)
-  local sep, out = ARGV[first], {}
+local function list(first, j)
+  local sep, l = ARGV[first], {}
   if sep == '' then
     local n = tonumber(ARGV[first + 1])
-    for j = 1, count do
-      local l = {}
-      for i = 1, n do l[i] = ARGV[first + 1 + (j - 1) * n + i] end
-      out[j] = l
-    end
-    return out
+    for i = 1, n do l[i] = ARGV[first + 1 + (j - 1) * n + i] end
+    return l
   end
-  for j = 1, count do
-    local s, l, start = ARGV[first + j], {}, 1
-    while true do
-      local at = string.find(s, sep, start, true)
-      if not at then
-        l[#l + 1] = string.sub(s, start)
-        break
-      end
-      l[#l + 1] = string.sub(s, start, at - 1)
-      start = at + 1
+  local s, start = ARGV[first + j], 1
+  while true do
+    local at = string.find(s, sep, start, true)
+    if not at then
+      l[#l + 1] = string.sub(s, start)
+      break
     end
-    out[j] = l
+    l[#l + 1] = string.sub(s, start, at - 1)
+    start = at + 1
   end
+  return l
+end
+
+local function lists(first, count)
+  local out = {}
+  for j = 1, count do out[j] = list(first, j) end
   return out
 end
 """
@@ -153,13 +152,23 @@ class RedisIdempotencyStore:
 
 # Lists of event ids per key, head first (see choreo.parking); ``<list>:due`` holds the head's retry
 # time. Replies are short strings naming only the entries that are not free: most batches park nothing.
+# So the script first asks whether any of the lists exists, with one EXISTS per thousand keys (unpack
+# is bounded by Lua's stack) instead of a LINDEX per key.
 # ARGV: ttl ms, then the lists of keys, event ids and may-park flags ("1"/"0").
 _GATE = _LISTS + """
 local ttl = ARGV[1]
-local l = lists(2, 3)
-local ids, flags = l[2], l[3]
+local keys = list(2, 1)
+local any = false
+for i = 1, #keys, 1000 do
+  if redis.call('EXISTS', unpack(keys, i, math.min(i + 999, #keys))) > 0 then
+    any = true
+    break
+  end
+end
+if not any then return '' end
+local ids, flags = list(2, 2), list(2, 3)
 local out = {}
-for i, key in ipairs(l[1]) do
+for i, key in ipairs(keys) do
   local id = ids[i]
   local head = redis.call('LINDEX', key, 0)
   if head then

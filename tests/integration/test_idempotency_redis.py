@@ -108,6 +108,22 @@ async def test_parking_keys_and_event_ids_holding_separators(
     assert await store.redis.get(key + ":due") is None, "the head's due time leaves with the head"
 
 
+async def test_the_gate_finds_a_parked_key_past_its_first_thousand(store: RedisIdempotencyStore, settings: Settings) -> None:
+    # The gate asks whether any list exists a thousand keys at a time before it looks at each key.
+    lot = RedisParkingLot(store.redis, settings.redis_url)
+    lists = [f"{settings.redis_prefix}park:g:h:t:k{i}" for i in range(2_500)]
+    assert await lot.gate([(k, f"id-{i}", True) for i, k in enumerate(lists)], 60_000) == [Gate(GateResult.FREE)] * 2_500
+    assert await store.redis.exists(*lists) == 0, "a gate that parks nothing writes nothing"
+    await lot.park([(lists[2_100], "head", 777)], 60_000)
+    gates = await lot.gate([(k, f"id-{i}", i != 5) for i, k in enumerate(lists)]
+                           + [(lists[2_100], "head", True), (lists[5], "id-5", False)], 60_000)
+    assert gates[:2_100] == [Gate(GateResult.FREE)] * 2_100
+    assert gates[2_100] == Gate(GateResult.PARKED, 777)
+    assert gates[2_101:2_500] == [Gate(GateResult.FREE)] * 399
+    assert gates[2_500:] == [Gate(GateResult.HEAD), Gate(GateResult.FREE)]
+    assert await store.redis.lrange(lists[2_100], 0, -1) == [b"head", b"id-2100"]
+
+
 async def test_an_unreachable_redis_is_an_idempotency_error_naming_the_address() -> None:
     store = RedisIdempotencyStore("redis://127.0.0.1:1/0")
     with pytest.raises(IdempotencyError, match="127.0.0.1:1"):
