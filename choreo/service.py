@@ -701,7 +701,7 @@ class Service:
         self._carry(held_back, settled, touched)
         if self._metrics is not None and self._metrics.enabled:
             self._count_outcomes(settled)
-        self.stats.processed += sum(1 for i in settled if i.outcome == _OK)
+        self.stats.processed += len(done)  # the keys of the events handled
         self.stats.skipped_duplicates += sum(1 for i in settled if i.outcome == _SKIPPED)
         self.stats.emitted += len(outgoing) - len(dead) - len(retries)
 
@@ -728,6 +728,8 @@ class Service:
         waits: dict[TopicPartition, tuple[int, float | None]] = {}
         position = self._position
         stored = self._stored
+        group = self.group
+        parks: dict[str, bool] = {}  # per handler: are its keyed events gated (ordered retries)?
         for record in records:
             tp = (record.topic, record.partition)
             if tp in self._resume_at or tp in waits:
@@ -773,9 +775,12 @@ class Service:
             for sub in subs:
                 key = idempotency_key(prefix, self.name, sub.name, envelope.correlation_id, envelope.event_id)
                 item = _Item(record, envelope, event, sub, key, retry=state)
-                if (record.key is not None and settings.retry_tiers and (sub.retry or self.retry).ordered
-                        and (sub.ordering or settings.ordering) != "unordered"):
-                    item.park_key = park_key(prefix, self.group, sub.name, origin_topic, record.key)
+                gated = parks.get(sub.name)
+                if gated is None:
+                    gated = parks[sub.name] = bool(settings.retry_tiers) and (sub.retry or self.retry).ordered and (
+                        sub.ordering or settings.ordering) != "unordered"
+                if gated and record.key is not None:
+                    item.park_key = park_key(prefix, group, sub.name, origin_topic, record.key)
                 items.append(item)
         return partitions, poison, waits
 
@@ -1170,17 +1175,18 @@ class Service:
                         await call
                 if current is not None:
                     del current[slot]
-                item.out = [
-                    wire.encode(
-                        event,
+                # A loop, not a comprehension: on Python 3.11 each comprehension is a function call.
+                out = []
+                for index, (emitted, emitted_key) in enumerate(ctx.emitted):
+                    out.append(wire.encode(
+                        emitted,
                         event_id=derive_event_id(env.event_id, item.sub.name, index),
                         correlation_id=env.correlation_id,
                         causation_id=env.event_id,
-                        key=key,
+                        key=emitted_key,
                         occurred_at=self._batch_time,
-                    )
-                    for index, (event, key) in enumerate(ctx.emitted)
-                ]
+                    ))
+                item.out = out
                 if span is not None:
                     item.spans = tracing.producer_spans(
                         item.out, span, [self._send_attributes(r, env) for r in item.out] if span.is_recording()
