@@ -6,7 +6,8 @@ the store holds the event ids that must run in order, head first::
 
     head (in a retry topic) <- parked <- parked ...
 
-* **gate** (before running a batch): an event runs if the list is empty or the event is its head.
+* **gate** (before running a batch, if ``any_parked`` says a list exists): an event runs if the list
+  is empty or the event is its head.
   Otherwise it is appended (once) and *parked*: forwarded to the first retry tier, where it waits
   until it is the head. Only the head of a list ever runs, so the list, not where the records sit,
   decides the order.
@@ -44,6 +45,10 @@ class Gate:
 
 class ParkingLot(Protocol):
     """Where the per-key lists live. Each call takes a whole batch (one round trip)."""
+
+    async def any_parked(self, keys: Sequence[str]) -> bool:
+        """Whether any of these list keys has a list: asked alongside the batch's claims, so that
+        a batch none of whose keys waits (nearly every batch) needs no ``gate``."""
 
     async def gate(self, entries: Sequence[tuple[str, str, bool]], ttl_ms: int) -> list[Gate]:
         """For each ``(list key, event id, may_park)``: the gate's answer. Entries with ``may_park``

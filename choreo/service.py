@@ -588,7 +588,7 @@ class Service:
             return
 
         try:
-            claims = await store.claim([i.key for i in run], self._owner, settings.claim_lease_ms) if run else []
+            claims, parked = await self._claim(run, store, parking)
         except IdempotencyError as exc:
             self._log.error("%s; pausing %d partitions", exc, len(touched))
             self._back_off(fresh, poison, settled, held_back, touched)
@@ -611,7 +611,12 @@ class Service:
 
         # Per-key order across retry topics: which events must wait behind an earlier one of their key.
         gated = [i for i in run if i.park_key is not None and i.claim is not ClaimResult.BUSY]
-        if gated:
+        if isinstance(parked, IdempotencyError):
+            self._log.error("%s; pausing %d partitions", parked, len(touched))
+            await self._release(self._claimed(run), store)
+            self._back_off(fresh, poison, settled, held_back, touched)
+            return
+        if gated and parked:
             try:
                 gates = await parking.gate(
                     [(i.park_key, i.envelope.event_id, i.claim is ClaimResult.CLAIMED) for i in gated  # type: ignore[misc]
@@ -1320,6 +1325,24 @@ class Service:
         transport.seek(tp, offset)
         transport.pause([tp])
         self._resume_at[tp] = time.monotonic() + delay
+
+    async def _claim(self, run: list[_Item], store: IdempotencyStore,
+                     parking: ParkingLot) -> tuple[list[ClaimResult], bool | IdempotencyError]:
+        """The batch's claims, and whether any of its events' keys has a parking list, asked at the
+        same time: nearly always none has, and then the gate's own round trip is skipped. A failed
+        question is returned, not raised, so the caller can give back the claims it got."""
+        if not run:
+            return [], False
+        claiming = store.claim([i.key for i in run], self._owner, self.settings.claim_lease_ms)
+        lists = [i.park_key for i in run if i.park_key is not None]
+        if not lists:
+            return await claiming, False
+        claims, parked = await asyncio.gather(claiming, parking.any_parked(lists), return_exceptions=True)
+        if isinstance(claims, BaseException):
+            raise claims
+        if isinstance(parked, BaseException) and not isinstance(parked, IdempotencyError):
+            raise parked
+        return claims, parked
 
     async def _release(self, items: list[_Item], store: IdempotencyStore) -> None:
         try:

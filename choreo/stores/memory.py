@@ -64,6 +64,9 @@ class MemoryParkingLot:
         self.lists: dict[str, list[str]] = {}
         self._due: dict[str, int] = {}
 
+    async def any_parked(self, keys: Sequence[str]) -> bool:
+        return any(self.lists.get(key) for key in keys)
+
     async def gate(self, entries: Sequence[tuple[str, str, bool]], ttl_ms: int) -> list[Gate]:
         out = []
         for key, event_id, may_park in entries:

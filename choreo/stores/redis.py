@@ -186,6 +186,15 @@ end
 return table.concat(out, ',')
 """
 
+# ARGV: the list of keys. 1 if any of them exists.
+_ANY = _LISTS + """
+local keys = list(1, 1)
+for i = 1, #keys, 1000 do
+  if redis.call('EXISTS', unpack(keys, i, math.min(i + 999, #keys))) > 0 then return 1 end
+end
+return 0
+"""
+
 # ARGV: ttl ms, then the lists of keys, event ids and due times (ms; "0": not the head's retry).
 _PARK = _LISTS + """
 local ttl = ARGV[1]
@@ -224,9 +233,18 @@ class RedisParkingLot:
     def __init__(self, redis: aioredis.Redis, url: str) -> None:
         self._redis = redis
         self._url = url
+        self._any = redis.register_script(_ANY)
         self._gate = redis.register_script(_GATE)
         self._park = redis.register_script(_PARK)
         self._unpark = redis.register_script(_UNPARK)
+
+    async def any_parked(self, keys: Sequence[str]) -> bool:
+        if not keys:
+            return False
+        try:
+            return bool(await self._any(args=_lists(keys)))
+        except (RedisError, OSError) as exc:
+            raise IdempotencyError(f"checking parked keys in Redis at {_safe(self._url)} failed: {exc}") from exc
 
     async def gate(self, entries: Sequence[tuple[str, str, bool]], ttl_ms: int) -> list[Gate]:
         gates = [_FREE] * len(entries)

@@ -99,7 +99,9 @@ async def test_parking_keys_and_event_ids_holding_separators(
     lot = RedisParkingLot(store.redis, settings.redis_url)
     key, other = f"{settings.redis_prefix}park:g:h:t:{odd}", f"{settings.redis_prefix}park:g:h:t:plain"
     first, second = f"id-1{odd}", f"id-2{odd}"
+    assert not await lot.any_parked([key, other])
     await lot.park([(key, first, 12_345), (other, "id-3", 0)], 60_000)
+    assert await lot.any_parked([f"{key}-not-parked", key]) and not await lot.any_parked([f"{key}-not-parked"])
     gates = await lot.gate([(key, first, True), (key, second, True), (other, "id-4", False)], 60_000)
     assert gates == [Gate(GateResult.HEAD), Gate(GateResult.PARKED, 12_345), Gate(GateResult.FREE)]
     assert await store.redis.lrange(key, 0, -1) == [first.encode(), second.encode()]
@@ -109,12 +111,14 @@ async def test_parking_keys_and_event_ids_holding_separators(
 
 
 async def test_the_gate_finds_a_parked_key_past_its_first_thousand(store: RedisIdempotencyStore, settings: Settings) -> None:
-    # The gate asks whether any list exists a thousand keys at a time before it looks at each key.
+    # any_parked, and the gate before it looks at each key, ask EXISTS a thousand keys at a time.
     lot = RedisParkingLot(store.redis, settings.redis_url)
     lists = [f"{settings.redis_prefix}park:g:h:t:k{i}" for i in range(2_500)]
+    assert not await lot.any_parked(lists)
     assert await lot.gate([(k, f"id-{i}", True) for i, k in enumerate(lists)], 60_000) == [Gate(GateResult.FREE)] * 2_500
     assert await store.redis.exists(*lists) == 0, "a gate that parks nothing writes nothing"
     await lot.park([(lists[2_100], "head", 777)], 60_000)
+    assert await lot.any_parked(lists) and not await lot.any_parked(lists[:2_100] + lists[2_101:])
     gates = await lot.gate([(k, f"id-{i}", i != 5) for i, k in enumerate(lists)]
                            + [(lists[2_100], "head", True), (lists[5], "id-5", False)], 60_000)
     assert gates[:2_100] == [Gate(GateResult.FREE)] * 2_100

@@ -5,12 +5,13 @@ that gives up in a retry topic is dead-lettered as its original record."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import pytest
 
-from choreo import Context, DLQHeader, Publisher, RetryLater, RetryPolicy, Service, Settings
+from choreo import Context, DLQHeader, IdempotencyError, Publisher, RetryLater, RetryPolicy, Service, Settings
+from choreo.parking import Gate
 from choreo.retry import RetryHeader, RetryState, original_topic, retry_tier, retry_topic
 from choreo.stores.memory import MemoryIdempotencyStore, MemoryParkingLot
 from choreo.transport import OutgoingRecord
@@ -192,3 +193,67 @@ def test_service_consumes_every_retry_tier(make_service: Callable[..., Service])
     service = make_service()
     _flaky(service, {}, [])
     assert service.retry_topics() == [retry_topic(ORDERS, k) for k in (1, 2, 3)]
+
+
+class _CountingLot(MemoryParkingLot):
+    """Counts the gate calls; its first ``fail`` questions ``any_parked`` fail as an outage would."""
+
+    def __init__(self, fail: int = 0) -> None:
+        super().__init__()
+        self.gates = 0
+        self.fail = fail
+
+    async def any_parked(self, keys: Sequence[str]) -> bool:
+        if self.fail:
+            self.fail -= 1
+            raise IdempotencyError("Redis is down (test)")
+        return await super().any_parked(keys)
+
+    async def gate(self, entries: Sequence[tuple[str, str, bool]], ttl_ms: int) -> list[Gate]:
+        self.gates += 1
+        return await super().gate(entries, ttl_ms)
+
+
+async def test_the_gate_runs_only_for_a_batch_whose_keys_have_a_parking_list(
+    broker: MemoryBroker, publisher: Publisher
+) -> None:
+    lot = _CountingLot()
+    # a1's retry is due after 0.5 s: a2 arrives while a1 still heads its key's list.
+    slow_retry = RetryPolicy(max_attempts=4, initial_delay_s=0.5, max_delay_s=1.0, in_process_max_s=0.0,
+                             random=lambda: 1.0)
+    service = Service("inventory", settings=Settings(topic_prefix=PREFIX, topic_partitions=1),
+                      transport=MemoryTransport(broker), idempotency=MemoryIdempotencyStore(), parking=lot,
+                      retry=slow_retry)
+    log: list[str] = []
+    _flaky(service, {"a1": 1}, log)
+    await service.start()
+    try:
+        await publisher.publish(OrderPlaced(order_id="b1", quantity=1), correlation_id="b")
+        await poll_until(service, lambda: log == ["b1"])
+        assert lot.gates == 0, "nothing was parked: the claim's question answered for the gate"
+        await publisher.publish(OrderPlaced(order_id="a1", quantity=1), correlation_id="a")
+        await poll_until(service, lambda: service.stats.retried == 1)  # a1 waits in a retry topic
+        await publisher.publish(OrderPlaced(order_id="a2", quantity=1), correlation_id="a")
+        await poll_until(service, lambda: log == ["b1", "a1", "a2"])
+        assert lot.gates > 0 and service.stats.parked >= 1, "a2 was gated behind a1, and ran after it"
+    finally:
+        await service.close()
+
+
+async def test_a_failed_parking_question_gives_back_the_batch_claims_and_retries_it(
+    broker: MemoryBroker, publisher: Publisher
+) -> None:
+    lot, store = _CountingLot(fail=1), MemoryIdempotencyStore()
+    service = Service("inventory", settings=Settings(topic_prefix=PREFIX, topic_partitions=1),
+                      transport=MemoryTransport(broker), idempotency=store, parking=lot)
+    log: list[str] = []
+    _flaky(service, {}, log)
+    await service.start()
+    try:
+        await publisher.publish(OrderPlaced(order_id="a1", quantity=1), correlation_id="a")
+        await poll_until(service, lambda: lot.fail == 0)
+        assert log == [] and not store._keys, "nothing ran, and the claim was given back"
+        await poll_until(service, lambda: log == ["a1"])
+        assert service.stats.processed == 1
+    finally:
+        await service.close()
