@@ -2,7 +2,8 @@
 
 The path of one batch (see DESIGN.md)::
 
-    fetch batch -> decode (Avro by fingerprint) -> claim every idempotency key (one Redis call)
+    fetch batch -> decode (Avro by fingerprint) -> claim every idempotency key (one Redis call;
+      beside it, whether any key has a parking list: only then the retry-order gate, a second)
       -> run handlers: a chain per record key in offset order, chains concurrently (bounded)
       -> publish emitted events and wait for the broker's acks
       -> mark keys done / release failed claims (one Redis call)
