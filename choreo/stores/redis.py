@@ -47,6 +47,14 @@ local function lists(first, count)
   for j = 1, count do out[j] = list(first, j) end
   return out
 end
+
+-- Whether any of the keys exists: one EXISTS per thousand keys, since unpack is bounded by Lua's stack.
+local function any_exists(keys)
+  for i = 1, #keys, 1000 do
+    if redis.call('EXISTS', unpack(keys, i, math.min(i + 999, #keys))) > 0 then return true end
+  end
+  return false
+end
 """
 
 # Values: "d" when done, "c:<owner>" while claimed. The reply is one string of digits, one per key:
@@ -152,20 +160,14 @@ class RedisIdempotencyStore:
 
 # Lists of event ids per key, head first (see choreo.parking); ``<list>:due`` holds the head's retry
 # time. Replies are short strings naming only the entries that are not free: most batches park nothing.
-# So the script first asks whether any of the lists exists, with one EXISTS per thousand keys (unpack
-# is bounded by Lua's stack) instead of a LINDEX per key.
+# So the script first asks whether any of the lists exists (a few EXISTS) before a LINDEX per key; the
+# service asks ``any_parked`` first and calls the gate only when one does, but the gate stays cheap
+# for any other caller.
 # ARGV: ttl ms, then the lists of keys, event ids and may-park flags ("1"/"0").
 _GATE = _LISTS + """
 local ttl = ARGV[1]
 local keys = list(2, 1)
-local any = false
-for i = 1, #keys, 1000 do
-  if redis.call('EXISTS', unpack(keys, i, math.min(i + 999, #keys))) > 0 then
-    any = true
-    break
-  end
-end
-if not any then return '' end
+if not any_exists(keys) then return '' end
 local ids, flags = list(2, 2), list(2, 3)
 local out = {}
 for i, key in ipairs(keys) do
@@ -188,11 +190,7 @@ return table.concat(out, ',')
 
 # ARGV: the list of keys. 1 if any of them exists.
 _ANY = _LISTS + """
-local keys = list(1, 1)
-for i = 1, #keys, 1000 do
-  if redis.call('EXISTS', unpack(keys, i, math.min(i + 999, #keys))) > 0 then return 1 end
-end
-return 0
+return any_exists(list(1, 1)) and 1 or 0
 """
 
 # ARGV: ttl ms, then the lists of keys, event ids and due times (ms; "0": not the head's retry).
