@@ -5,9 +5,15 @@ The path of one batch (see DESIGN.md)::
     fetch batch -> decode (Avro by fingerprint) -> claim every idempotency key (one Redis call;
       beside it, whether any key has a parking list: only then the retry-order gate, a second)
       -> run handlers: a chain per record key in offset order, chains concurrently (bounded)
-      -> publish emitted events and wait for the broker's acks
-      -> mark keys done / release failed claims (one Redis call)
-      -> store offsets (committed asynchronously, periodically and on revoke/close)
+      -> hand the emitted events to the producer; then, as the batch's tail:
+         wait for the broker's acks -> mark keys done / release failed claims (one Redis call)
+         -> store offsets (committed asynchronously, periodically and on revoke/close)
+
+The tail runs while the next batch is fetched, decoded, claimed and handled (its waits are about a
+third of a batch's time). The next batch writes nothing (parks, sends, offsets) until the tail is
+durable, so records of a key still go out in order; it claims only after the tail if it runs an event
+held over in memory, whose claim the tail may give back. If the tail fails, neither batch happened:
+the next gives back its claims and both are read again from the stored offsets.
 
 An offset is stored only once the outcome of every record below it is durable, so a crash at any
 point re-delivers from the lowest unfinished record; the idempotency key then skips what already
@@ -189,6 +195,7 @@ class Service:
         self._due_at: float | None = None  # the earliest not_before of the held-over events
         # Handler calls that outlived their batch, by chain: each holds back its chain until settled.
         self._late: dict[object, _Item] = {}
+        self._tail: _Tail | None = None
         self._draining = False
         self.stats = ServiceStats()
         self._log = logging.getLogger(f"choreo.service.{name}")
@@ -435,8 +442,11 @@ class Service:
 
     async def poll_once(self, timeout: float = 0.1) -> int:
         """Fetch one batch and process it, with the held-over events now due; returns the number of
-        records fetched."""
+        records fetched. The batch's acks, done marks and offsets may still be under way on return:
+        the next call waits for them before it writes anything, and ``flush`` or ``close`` waits too."""
         transport = self._require_transport()
+        if self._tail is not None and self._tail.task is not None and self._tail.task.done():
+            await self._previous_durable(set())  # a failed tail is read again even while idle
         self._resume_due()
         due_in = self._next_due()
         if due_in is not None:
@@ -484,6 +494,11 @@ class Service:
                 await self._settle_late()
             except ChoreoError as exc:  # e.g. the broker is gone: their claims expire by themselves
                 self._log.warning("settling %d running handler calls failed: %s", len(self._late), exc)
+        if self._tail is not None:
+            try:
+                await self.flush()
+            except ChoreoError as exc:  # its records are read again from the committed offsets
+                self._log.warning("finishing the last batch failed: %s", exc)
         for item in self._late.values():  # still running after the shutdown timeout
             if item.task is not None:
                 item.task.cancel()
@@ -570,7 +585,7 @@ class Service:
             self._pause(tp, offset, wait)
             self._position[tp] = offset
         touched = set(fresh) | set(poison) | set(waits) | set(self._carried)
-        chains, held_back, late = self._plan(fresh)
+        chains, held_back, late, rerun = self._plan(fresh)
         touched.update(_tp(i.record) for i in late)
         if chains and 1 < settings.concurrency <= len(self._late):
             # Every slot is taken by late calls: start nothing, claim nothing; look again shortly.
@@ -585,18 +600,28 @@ class Service:
         # earlier batches that have finished since.
         settled = run + late
         if not settled and not poison:
-            self._carry(held_back, [], touched)
+            if await self._previous_durable(touched):
+                self._store_offsets(self._carry(held_back, [], touched))
             return
+        if self._tail is not None and rerun:
+            # A held-over event runs again: the previous batch's tail may still give back its claim,
+            # which must not happen after this batch claims it anew.
+            if not await self._previous_durable(touched):
+                return
 
         try:
             claims, parked = await self._claim(run, store, parking)
         except IdempotencyError as exc:
             self._log.error("%s; pausing %d partitions", exc, len(touched))
-            self._back_off(fresh, poison, settled, held_back, touched)
+            if await self._previous_durable(touched):
+                self._back_off(fresh, poison, settled, held_back, touched)
             return
         # The store grants this owner's own claim again, so an event whose claim this process holds
-        # is recognised here: a copy in this batch, a late call still running, or one settled now.
+        # is recognised here: a copy in this batch or in the previous one (whose done marks may not
+        # be written yet), a late call still running, or one settled now.
         claimed_here: dict[str, _Item] = {i.key: i for i in late}
+        if self._tail is not None:
+            claimed_here.update(self._tail.keys)
         if self._late:
             claimed_here.update((i.key, i) for i in self._late.values())
         for item, claim in zip(run, claims):
@@ -615,7 +640,8 @@ class Service:
         if isinstance(parked, IdempotencyError):
             self._log.error("%s; pausing %d partitions", parked, len(touched))
             await self._release(self._claimed(run), store)
-            self._back_off(fresh, poison, settled, held_back, touched)
+            if await self._previous_durable(touched):
+                self._back_off(fresh, poison, settled, held_back, touched)
             return
         if gated and parked:
             try:
@@ -625,7 +651,8 @@ class Service:
             except IdempotencyError as exc:
                 self._log.error("%s; pausing %d partitions", exc, len(touched))
                 await self._release(self._claimed(run), store)
-                self._back_off(fresh, poison, settled, held_back, touched)
+                if await self._previous_durable(touched):
+                    self._back_off(fresh, poison, settled, held_back, touched)
                 return
             for item, gate in zip(gated, gates):
                 item.gate = gate
@@ -656,6 +683,12 @@ class Service:
                     item.not_before = now + self._wait_of(item)
                     held_back.setdefault(_tp(item.record), []).extend(chain[index:])
                     break
+        # From here on this batch writes: the previous batch's outcome must be durable first, and
+        # its records must have gone out before this batch's (per-key order).
+        if not await self._previous_durable(touched, self._claimed(settled)):
+            Tracing.end_all([span for item in settled if item.spans for span in item.spans],
+                            TransportError("the previous batch failed; this one is read again"))
+            return
         dead = self._dead_letters(settled, poison)
         retries = self._retry_records(settled) if self._retry_sources else []
         outgoing = [r for item in settled if item.outcome == _OK for r in item.out] + dead + retries
@@ -672,44 +705,120 @@ class Service:
                 return
         spans = [span for item in settled if item.spans for span in item.spans]
         try:
-            await transport.send(outgoing)
+            acks = transport.send(outgoing)  # the records are handed over now, in order
         except TransportError as exc:
-            Tracing.end_all(spans, exc)
-            self._log.error("publishing %d records failed: %s; the batch will be retried", len(outgoing), exc)
+            self._failed_send(exc, spans, len(outgoing))
             await self._release(self._claimed(settled), store)
             self._back_off(fresh, poison, settled, held_back, touched)
             return
-
-        if spans:
-            Tracing.end_all(spans)
-        # A dead-lettered event is released, not done: a replay of it must run the handler again.
-        done = [i.key for i in settled if i.outcome == _OK]
-        released = [i.key for i in self._claimed(settled) if i.outcome != _OK]
-        try:
-            await store.finish(done, released, self._owner, settings.done_ttl_ms)
+        # The rest waits on the broker and Redis: the acks, the done marks, then the offsets. It runs
+        # while the next batch is fetched, decoded, claimed and handled; that batch waits for it
+        # before it writes anything (``_previous_durable``), and is read again if it failed. So the
+        # events held over go to memory now, for the next batch to plan with; the offsets wait.
+        commits = self._carry(held_back, settled, touched)
+        # What the tail makes durable is read off the items now: the next batch resets the events
+        # it takes over from memory.
+        metrics = self._metrics
+        tail = _Tail(
+            touched=touched, keys={i.key: i for i in settled}, spans=spans, records=len(outgoing),
+            # A dead-lettered event is released, not done: a replay of it must run the handler again.
+            done=[i.key for i in settled if i.outcome == _OK],
+            claimed=[i.key for i in self._claimed(settled)],
+            released=[i.key for i in self._claimed(settled) if i.outcome != _OK],
             # Heads that are finished for good let the next event of their key run.
-            await parking.unpark([(i.park_key, i.envelope.event_id) for i in settled
-                                  if i.park_key is not None and i.gate is not None
-                                  and i.gate.result is GateResult.HEAD and i.outcome in (_OK, _SKIPPED, _DEAD)])
+            heads=[(i.park_key, i.envelope.event_id) for i in settled
+                   if i.park_key is not None and i.gate is not None
+                   and i.gate.result is GateResult.HEAD and i.outcome in (_OK, _SKIPPED, _DEAD)],
+            commits=commits, ended=[tp for tp in fresh if tp not in held_back],
+            finished=[(_tp(i.record), i.record.offset, i.sub.name) for i in settled if i.outcome in _FINISHED]
+            if self._attempts else [],  # only batches that saw a failure pay for this walk
+            counts=self._outcome_counts(settled) if metrics is not None and metrics.enabled else {},
+            skipped=sum(1 for i in settled if i.outcome == _SKIPPED),
+            emitted=len(outgoing) - len(dead) - len(retries),
+        )
+        tail.task = asyncio.ensure_future(self._finish(acks, tail))
+        self._tail = tail
+
+    async def _finish(self, acks: Awaitable[None], tail: _Tail) -> bool:
+        """A batch's tail: wait for its acks, mark its keys done, store its offsets. False if its
+        records or marks did not become durable (its claims are given back if its records are not out)."""
+        store = self._require_store()
+        parking = self._parking
+        assert parking is not None
+        settings = self.settings
+        try:
+            await acks
+        except TransportError as exc:
+            self._failed_send(exc, tail.spans, tail.records)
+            await self._give_back(tail.claimed, store)
+            return False
+        if tail.spans:
+            Tracing.end_all(tail.spans)
+        try:
+            await store.finish(tail.done, tail.released, self._owner, settings.done_ttl_ms)
+            await parking.unpark(tail.heads)
         except IdempotencyError as exc:
             # The emitted events are out; the claims expire, and the re-run emits the same ids.
             self._log.error("%s; the batch will be retried", exc)
-            self._back_off(fresh, poison, settled, held_back, touched)
-            return
+            return False
+        self._store_offsets(tail.commits)
+        for tp in tail.ended:
+            self._failures.pop(tp, None)
+        for attempt in tail.finished:
+            self._attempts.pop(attempt, None)
+        if tail.counts and self._metrics is not None:
+            for (handler, event_type, outcome), n in tail.counts.items():
+                self._metrics.counted(handler, event_type, outcome, n)
+        self.stats.processed += len(tail.done)  # the keys of the events handled
+        self.stats.skipped_duplicates += tail.skipped
+        self.stats.emitted += tail.emitted
+        return True
 
-        for tp in fresh:
-            if tp not in held_back:
-                self._failures.pop(tp, None)
-        if self._attempts:  # only batches that saw a failure pay for this walk
-            for item in settled:
-                if item.outcome in _FINISHED:
-                    self._attempts.pop((_tp(item.record), item.record.offset, item.sub.name), None)
-        self._carry(held_back, settled, touched)
-        if self._metrics is not None and self._metrics.enabled:
-            self._count_outcomes(settled)
-        self.stats.processed += len(done)  # the keys of the events handled
-        self.stats.skipped_duplicates += sum(1 for i in settled if i.outcome == _SKIPPED)
-        self.stats.emitted += len(outgoing) - len(dead) - len(retries)
+    def _failed_send(self, exc: TransportError, spans: list[Any], count: int) -> None:
+        Tracing.end_all(spans, exc)
+        self._log.error("publishing %d records failed: %s; the batch will be retried", count, exc)
+
+    async def _previous_durable(self, touched: set[TopicPartition], claimed: Sequence[_Item] = ()) -> bool:
+        """Wait for the previous batch's tail (see ``_finish``). If it failed, nothing of it or of the
+        batch in hand happened: the batch in hand gives back its ``claimed`` items, and every
+        partition either touched is read again from its stored offset after a backoff."""
+        tail = self._tail
+        if tail is None:
+            return True
+        self._tail = None
+        assert tail.task is not None
+        if await tail.task:
+            return True
+        if claimed:
+            await self._release(list(claimed), self._require_store())
+        self._rewind(tail.touched | touched)
+        return False
+
+    async def flush(self) -> None:
+        """Wait until the batches processed so far are acknowledged, marked done and their offsets
+        stored (``poll_once`` leaves that to the next call, which overlaps it with its own work)."""
+        await self._previous_durable(set())
+
+    def _rewind(self, partitions: set[TopicPartition]) -> None:
+        """Forget what is held in memory for ``partitions`` and read them again, after a backoff, from
+        their stored offsets: below those, every outcome is durable."""
+        for tp in partitions:
+            self._carried.pop(tp, None)
+            offset = self._stored.get(tp)
+            if offset is None:
+                continue  # revoked meanwhile: its next owner reads it from the committed offset
+            self._pause(tp, offset, None)
+            self._position[tp] = offset
+        self._held_changed()
+
+    def _store_offsets(self, commits: dict[TopicPartition, int]) -> None:
+        """Store offsets found by ``_carry`` once their outcomes are durable; offsets only move forward,
+        and a partition revoked since is not ours to commit."""
+        stored = self._stored
+        moved = {tp: offset for tp, offset in commits.items() if tp in stored and offset > stored[tp]}
+        if moved:
+            stored.update(moved)
+            self._require_transport().commit(moved)
 
     @staticmethod
     def _claimed(items: list[_Item]) -> list[_Item]:
@@ -792,8 +901,9 @@ class Service:
 
     def _plan(
         self, fresh: dict[TopicPartition, list[_Item]]
-    ) -> tuple[list[list[_Item]], dict[TopicPartition, list[_Item]], list[_Item]]:
-        """This batch's chains, and the events that wait in memory instead of running now.
+    ) -> tuple[list[list[_Item]], dict[TopicPartition, list[_Item]], list[_Item], bool]:
+        """This batch's chains, the events that wait in memory instead of running now, the late calls
+        settled now, and whether a chain holds an event held over from an earlier batch.
 
         A chain holds the events that must run one after another: those of one handler and record
         key in a partition (``ordering="key"``), of one handler in a partition (``"partition"``), or
@@ -823,6 +933,7 @@ class Service:
             if item.outcome in _FINISHED:
                 settled.add(cid)
         draining = self._draining
+        again = False
         for tp, held in list(self._carried.items()):
             for item in held:
                 cid = _chain_id(tp, item, item.sub.ordering or default)
@@ -846,6 +957,7 @@ class Service:
                     held_back.setdefault(tp, []).append(item)
                 else:
                     chain.append(item._reset())
+                    again = True
         for tp, items in fresh.items():
             for item in items:
                 cid = _chain_id(tp, item, item.sub.ordering or default)
@@ -865,7 +977,7 @@ class Service:
                     held_back.setdefault(tp, []).append(item)
                 else:
                     chain.append(item)
-        return order, held_back, late
+        return order, held_back, late, again
 
     async def _run_chains(self, chains: list[list[_Item]]) -> None:
         """Run the chains, at most ``Settings.concurrency`` handler calls at a time: a few workers
@@ -921,9 +1033,10 @@ class Service:
         return 0.0  # behind an unfinished event of its chain: it goes when that one does
 
     def _carry(self, held_back: dict[TopicPartition, list[_Item]], run: list[_Item],
-               touched: set[TopicPartition]) -> None:
-        """Keep the unfinished events for a later batch, store each touched partition's offset (its
-        lowest unfinished event, or past its last record), and apply backpressure."""
+               touched: set[TopicPartition]) -> dict[TopicPartition, int]:
+        """Keep the unfinished events for a later batch, apply backpressure, and return the offset to
+        store for each touched partition (its lowest unfinished event, or past its last record) once
+        the batch's outcomes are durable."""
         carried = self._carried
         for tp in touched:
             items = held_back.get(tp)
@@ -944,9 +1057,7 @@ class Service:
             if offset is not None and tp in running:
                 offset = min(offset, running[tp])
             if offset is not None and offset > stored.get(tp, -1):
-                commits[tp] = stored[tp] = offset
-        if commits:
-            self._require_transport().commit(commits)
+                commits[tp] = offset
         self._held_changed()
         buffered = self._buffered
         bound = self.settings.max_buffered
@@ -962,6 +1073,7 @@ class Service:
             self._backpressured.clear()
             self._require_transport().resume(drained)
             self._log.info("%d events wait in memory: resuming %d partitions", buffered, len(drained))
+        return commits
 
     def _back_off(self, fresh: dict[TopicPartition, list[_Item]],
                   poison: dict[TopicPartition, list[tuple[Record, DecodeError]]], run: list[_Item],
@@ -997,16 +1109,16 @@ class Service:
                 self._carried.pop(tp, None)
         self._held_changed()
 
-    def _count_outcomes(self, items: list[_Item]) -> None:
-        assert self._metrics is not None
+    @staticmethod
+    def _outcome_counts(items: list[_Item]) -> dict[tuple[str, str, str], int]:
+        """Events per (handler, event type, outcome), for the metrics."""
         counts: dict[tuple[str, str, str], int] = {}
         for item in items:
             outcome = _OUTCOME_NAMES.get(item.outcome)
             if outcome is not None:
                 key = (item.sub.name, item.envelope.event_type, outcome)
                 counts[key] = counts.get(key, 0) + 1
-        for (handler, event_type, outcome), n in counts.items():
-            self._metrics.counted(handler, event_type, outcome, n)
+        return counts
 
     def _dead_letters(self, run: list[_Item], poison: dict[TopicPartition, list[tuple[Record, DecodeError]]]
                       ) -> list[OutgoingRecord]:
@@ -1346,8 +1458,13 @@ class Service:
         return claims, parked
 
     async def _release(self, items: list[_Item], store: IdempotencyStore) -> None:
+        await self._give_back([i.key for i in items], store)
+
+    async def _give_back(self, keys: list[str], store: IdempotencyStore) -> None:
+        if not keys:
+            return
         try:
-            await store.finish([], [i.key for i in items], self._owner, self.settings.done_ttl_ms)
+            await store.finish([], keys, self._owner, self.settings.done_ttl_ms)
         except IdempotencyError as exc:
             self._log.warning("releasing claims failed (they expire by themselves): %s", exc)
 
@@ -1399,6 +1516,28 @@ def _recheck_at(now_ms: int, head_due_ms: int) -> int:
     if not head_due_ms:
         return now_ms + recheck_ms
     return max(now_ms + recheck_ms // 10, min(head_due_ms + recheck_ms // 10, now_ms + 10 * recheck_ms))
+
+
+@dataclass(slots=True)
+class _Tail:
+    """The tail of a batch (see ``Service._finish``): what it makes durable once its records are
+    acknowledged, read off its items when it was sent."""
+
+    touched: set[TopicPartition]  # read again if the tail fails
+    keys: dict[str, _Item]  # its items by idempotency key: a copy in the next batch is one of them
+    spans: list[Any]
+    records: int
+    done: list[str]
+    claimed: list[str]  # given back if the records are not acknowledged
+    released: list[str]
+    heads: list[tuple[str, str]]
+    commits: dict[TopicPartition, int]
+    ended: list[TopicPartition]  # partitions whose failure backoff starts over
+    finished: list[tuple[TopicPartition, int, str]]  # attempts to forget
+    counts: dict[tuple[str, str, str], int]
+    skipped: int
+    emitted: int
+    task: asyncio.Future[bool] | None = None
 
 
 class _Phase:

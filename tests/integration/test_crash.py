@@ -54,8 +54,10 @@ async def test_crash_at_point_loses_nothing_and_duplicates_nothing(point: str, s
         runs = {k: int(v) for k, v in (await r.hgetall(f"{settings.redis_prefix}crashy:runs")).items()}
         skipped = int(await r.hget(f"{settings.redis_prefix}crashy:stats", "skipped") or 0)
         if point == "before-commit":
-            # Effects were durable but the offsets not: the redelivery is recognised, nothing re-runs.
-            assert skipped > 0 and set(runs.values()) == {1}
+            # The batch's effects were durable but its offsets not: its redelivery is recognised and
+            # skipped. The batch behind it was mid-way (a tail commits while the next batch runs its
+            # handlers), so its events may run again, at most once more.
+            assert skipped > 0 and max(runs.values()) <= 2
         else:
             # The in-flight batch ran again after the restart: proof the crash hit mid-pipeline.
             assert max(runs.values()) == 2

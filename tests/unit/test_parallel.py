@@ -97,14 +97,17 @@ async def publish(broker: MemoryBroker, keys: list[str], *, saga: str | None = "
 async def poll_until(service: Service, condition: Callable[[], bool], polls: int = 500) -> None:
     for _ in range(polls):
         if condition():
+            await service.flush()  # what the batches so far did is durable, as a test expects
             return
         await service.poll_once(timeout=0.005)
     assert condition(), f"condition not reached within {polls} polls"
+    await service.flush()
 
 
 async def poll_times(service: Service, polls: int) -> None:
     for _ in range(polls):
         await service.poll_once(timeout=0.005)
+    await service.flush()
 
 
 def expected_order(keys: list[str]) -> dict[str, list[int]]:

@@ -86,14 +86,17 @@ async def poll_until(service: Service, condition: Callable[[], bool], *, polls: 
     """Poll until ``condition()`` holds; fail after ``polls`` polls (a few seconds at most)."""
     for _ in range(polls):
         if condition():
+            await service.flush()  # what the batches so far did is durable, as a test expects
             return
         await service.poll_once(timeout=0.01)
     assert condition(), f"condition not reached within {polls} polls"
+    await service.flush()
 
 
 async def poll_times(service: Service, polls: int) -> None:
     for _ in range(polls):
         await service.poll_once(timeout=0.01)
+    await service.flush()
 
 
 def decode_all(records: list[Record], cls: type[Event]) -> list[tuple[Any, Event]]:
