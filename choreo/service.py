@@ -603,9 +603,11 @@ class Service:
             if await self._previous_durable(touched):
                 self._store_offsets(self._carry(held_back, [], touched))
             return
-        if self._tail is not None and rerun:
-            # A held-over event runs again: the previous batch's tail may still give back its claim,
-            # which must not happen after this batch claims it anew.
+        tail = self._tail
+        if tail is not None and (rerun or tail.released and not tail.released.isdisjoint(i.key for i in run)):
+            # An event held over in memory runs again, or a copy of one the previous batch gives
+            # back (a dead letter replayed, say): its claim must be given back before this batch
+            # claims it anew, not after.
             if not await self._previous_durable(touched):
                 return
 
@@ -720,11 +722,12 @@ class Service:
         # it takes over from memory.
         metrics = self._metrics
         tail = _Tail(
-            touched=touched, keys={i.key: i for i in settled}, spans=spans, records=len(outgoing),
+            touched=touched, keys={i.key: i for i in settled if i.outcome == _OK}, spans=spans,
+            records=len(outgoing),
             # A dead-lettered event is released, not done: a replay of it must run the handler again.
             done=[i.key for i in settled if i.outcome == _OK],
             claimed=[i.key for i in self._claimed(settled)],
-            released=[i.key for i in self._claimed(settled) if i.outcome != _OK],
+            released={i.key for i in self._claimed(settled) if i.outcome != _OK},
             # Heads that are finished for good let the next event of their key run.
             heads=[(i.park_key, i.envelope.event_id) for i in settled
                    if i.park_key is not None and i.gate is not None
@@ -755,7 +758,7 @@ class Service:
         if tail.spans:
             Tracing.end_all(tail.spans)
         try:
-            await store.finish(tail.done, tail.released, self._owner, settings.done_ttl_ms)
+            await store.finish(tail.done, list(tail.released), self._owner, settings.done_ttl_ms)
             await parking.unpark(tail.heads)
         except IdempotencyError as exc:
             # The emitted events are out; the claims expire, and the re-run emits the same ids.
@@ -1524,12 +1527,12 @@ class _Tail:
     acknowledged, read off its items when it was sent."""
 
     touched: set[TopicPartition]  # read again if the tail fails
-    keys: dict[str, _Item]  # its items by idempotency key: a copy in the next batch is one of them
+    keys: dict[str, _Item]  # its done items by idempotency key: a copy in the next batch is skipped
     spans: list[Any]
     records: int
     done: list[str]
     claimed: list[str]  # given back if the records are not acknowledged
-    released: list[str]
+    released: set[str]
     heads: list[tuple[str, str]]
     commits: dict[TopicPartition, int]
     ended: list[TopicPartition]  # partitions whose failure backoff starts over

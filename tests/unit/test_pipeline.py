@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from choreo import Context, Event, Publisher, RetryPolicy, Service, Settings
+from choreo import Context, DeadLetterNow, Event, Publisher, RetryPolicy, Service, Settings
 from choreo.errors import IdempotencyError, PublishError
 from choreo.idempotency import ClaimResult
 from choreo.schemas import parse_schema
@@ -277,3 +277,37 @@ async def test_a_copy_of_an_event_in_the_next_batch_does_not_run_before_the_firs
     await service.close()
     assert runs == [("k0", 0), ("k0", 1), ("k0", 2), ("k0", 3)]
     assert service.stats.skipped_duplicates == 1
+
+
+async def test_a_replayed_dead_letter_in_the_next_batch_runs_once_its_claim_was_given_back() -> None:
+    # The previous batch dead-lettered e0 and gives its claim back in its tail; a copy of e0 in the
+    # next batch (as `choreo dlq replay` sends) must run, and claim only after that give-back.
+    broker = MemoryBroker()
+    publisher = Publisher("web", settings=Settings(topic_prefix=PREFIX, topic_partitions=2),
+                          transport=MemoryTransport(broker))
+    await publisher.start()
+    for seq in [0, 1, 2, 3, 0]:
+        await publisher.publish(Step(key="k0", seq=seq), correlation_id="k0", event_id=f"e{seq}")
+    await publisher.close()
+    transport = HeldAcks(broker, hold=True)
+    store = FailingFinish()
+    runs: list[tuple[str, int]] = []
+    config = Settings(topic_prefix=PREFIX, topic_partitions=2, batch_size=4, concurrency=4, max_backoff_ms=1)
+    service = Service("pipe", settings=config, transport=transport, idempotency=store)
+    blocked = {0}
+
+    @service.on(Step, emits=[Stepped])
+    async def step(event: Step, ctx: Context) -> None:
+        await asyncio.sleep(0)
+        if event.seq in blocked:
+            blocked.discard(event.seq)
+            raise DeadLetterNow("blocked until the operator fixes it")
+        runs.append((event.key, event.seq))
+
+    await service.start()
+    await _drive(service, transport, until=lambda: ("k0", 0) in runs)
+    await service.close()
+    assert runs == [("k0", 1), ("k0", 2), ("k0", 3), ("k0", 0)]
+    assert len(broker.records(PREFIX + Step.topic() + ".dlq")) == 1
+    key = next(k for kind, keys in store.log if kind == "release" for k in keys)
+    assert [kind for kind, keys in store.log if key in keys][:3] == ["claim", "release", "claim"]
