@@ -622,13 +622,13 @@ class Service:
         # is recognised here: a copy in this batch or in the previous one (whose done marks may not
         # be written yet), a late call still running, or one settled now.
         claimed_here: dict[str, _Item] = {i.key: i for i in late}
-        if self._tail is not None:
-            claimed_here.update(self._tail.keys)
         if self._late:
             claimed_here.update((i.key, i) for i in self._late.values())
+        # The previous batch's done events are looked up where they are, not copied per batch.
+        previous = self._tail.keys if self._tail is not None else {}
         for item, claim in zip(run, claims):
             if claim is ClaimResult.CLAIMED:
-                first = claimed_here.get(item.key)
+                first = claimed_here.get(item.key) or previous.get(item.key)
                 if first is None:
                     claimed_here[item.key] = item
                 else:
@@ -721,13 +721,14 @@ class Service:
         # What the tail makes durable is read off the items now: the next batch resets the events
         # it takes over from memory.
         metrics = self._metrics
+        keys = {i.key: i for i in settled if i.outcome == _OK}
+        claimed = self._claimed(settled)
         tail = _Tail(
-            touched=touched, keys={i.key: i for i in settled if i.outcome == _OK}, spans=spans,
-            records=len(outgoing),
+            touched=touched, keys=keys, spans=spans, records=len(outgoing),
             # A dead-lettered event is released, not done: a replay of it must run the handler again.
-            done=[i.key for i in settled if i.outcome == _OK],
-            claimed=[i.key for i in self._claimed(settled)],
-            released={i.key for i in self._claimed(settled) if i.outcome != _OK},
+            done=list(keys),
+            claimed=[i.key for i in claimed],
+            released={i.key for i in claimed if i.outcome != _OK},
             # Heads that are finished for good let the next event of their key run.
             heads=[(i.park_key, i.envelope.event_id) for i in settled
                    if i.park_key is not None and i.gate is not None

@@ -129,6 +129,16 @@ async def _publish(broker: MemoryBroker, count: int) -> dict[str, list[int]]:
     return expected
 
 
+async def _publish_with_copy(broker: MemoryBroker) -> None:
+    """Five records on k0; the fifth is a copy of the first (the same event id)."""
+    publisher = Publisher("web", settings=Settings(topic_prefix=PREFIX, topic_partitions=2),
+                          transport=MemoryTransport(broker))
+    await publisher.start()
+    for seq in [0, 1, 2, 3, 0]:
+        await publisher.publish(Step(key="k0", seq=seq), correlation_id="k0", event_id=f"e{seq}")
+    await publisher.close()
+
+
 def _first_seen(pairs: Sequence[tuple[str, int]]) -> dict[str, list[int]]:
     """Per key, the events in the order of their first occurrence."""
     out: dict[str, list[int]] = {}
@@ -255,13 +265,8 @@ async def test_a_held_over_event_is_claimed_again_only_after_its_claim_was_given
 
 async def test_a_copy_of_an_event_in_the_next_batch_does_not_run_before_the_first_is_marked_done() -> None:
     broker = MemoryBroker()
-    publisher = Publisher("web", settings=Settings(topic_prefix=PREFIX, topic_partitions=2),
-                          transport=MemoryTransport(broker))
-    await publisher.start()
     # Five records on one key: the fifth, in the second batch, is a copy of the first.
-    for seq in [0, 1, 2, 3, 0]:
-        await publisher.publish(Step(key="k0", seq=seq), correlation_id="k0", event_id=f"e{seq}")
-    await publisher.close()
+    await _publish_with_copy(broker)
     transport = HeldAcks(broker, hold=True)
     runs: list[tuple[str, int]] = []
     service = _service(broker, transport, MemoryIdempotencyStore(), runs)
@@ -283,12 +288,7 @@ async def test_a_replayed_dead_letter_in_the_next_batch_runs_once_its_claim_was_
     # The previous batch dead-lettered e0 and gives its claim back in its tail; a copy of e0 in the
     # next batch (as `choreo dlq replay` sends) must run, and claim only after that give-back.
     broker = MemoryBroker()
-    publisher = Publisher("web", settings=Settings(topic_prefix=PREFIX, topic_partitions=2),
-                          transport=MemoryTransport(broker))
-    await publisher.start()
-    for seq in [0, 1, 2, 3, 0]:
-        await publisher.publish(Step(key="k0", seq=seq), correlation_id="k0", event_id=f"e{seq}")
-    await publisher.close()
+    await _publish_with_copy(broker)
     transport = HeldAcks(broker, hold=True)
     store = FailingFinish()
     runs: list[tuple[str, int]] = []
