@@ -17,6 +17,7 @@ from choreo import (
     RetryPolicy, Service, Settings,
 )
 from choreo.deadletter import last_header
+from choreo.idempotency import ClaimResult, idempotency_key
 from choreo.schemas import AvroSchema, parse_schema
 from choreo.stores.memory import MemoryIdempotencyStore
 from choreo.transport import OutgoingRecord, Record
@@ -573,6 +574,49 @@ async def test_a_poison_record_is_dead_lettered_in_its_place_and_the_partition_g
                  if r.levelno == logging.ERROR and "cannot process" in r.getMessage()]
     assert ORDERS in message and f"[{partition}]" in message
     assert "offset 1" in message and reason in message and ".dlq" in message
+
+
+@pytest.mark.parametrize("fault", ["truncated", "trailing-bytes"])
+@pytest.mark.parametrize("copy", [False, True], ids=["own-id", "copy-of-a-good-one"])
+async def test_a_body_that_cannot_be_read_is_dead_lettered_and_its_claim_given_back(
+    publisher: Publisher, broker: MemoryBroker, config: Settings, fault: str, copy: bool,
+) -> None:
+    # Its headers are sound, so it is claimed with its envelope, and its body is read while the
+    # claim is under way: only then is it found unreadable. Its claim is given back, unless a good
+    # copy of the same event (same id, hence key) in the batch holds it.
+    store = MemoryIdempotencyStore()
+    service = Service("inventory", settings=config, transport=MemoryTransport(broker), idempotency=store)
+    calls: list[str] = []
+    others: list[ClaimResult] = []  # what another process gets for the running event's key
+
+    @service.on(OrderPlaced)
+    async def reserve(event: OrderPlaced, ctx: Context) -> None:
+        calls.append(event.order_id)
+        others.extend(await store.claim([ctx.idempotency_key], "someone-else", 1_000))
+
+    await service.start()
+    await publisher.publish(OrderPlaced(order_id="before", quantity=1), correlation_id=SAGA_A)
+    [good] = broker.records(ORDERS)
+    event_id = dict(good.headers)[Header.EVENT_ID] if copy else b"bad-1"
+    headers = [(k, event_id if k == Header.EVENT_ID else v) for k, v in good.headers]
+    value = good.value[:-1] if fault == "truncated" else good.value + b"\x00"  # type: ignore[operator,index]
+    partition, _ = broker.append(OutgoingRecord(ORDERS, good.key, value, headers))
+    await publisher.publish(OrderPlaced(order_id="after", quantity=1), correlation_id=SAGA_A)
+    await publisher.publish(OrderPlaced(order_id="elsewhere", quantity=1), correlation_id=SAGA_B)
+
+    await poll_until(service, lambda: {"before", "after", "elsewhere"} <= set(calls))
+    await service.close()
+
+    assert calls.index("before") < calls.index("after") and sorted(calls) == ["after", "before", "elsewhere"]
+    assert others == [ClaimResult.BUSY] * 3, "every running event keeps its claim"
+    assert list(service.stats.dead_lettered) == [(ORDERS, partition, 1, "not-avro")]
+    [dead] = broker.records(ORDERS + ".dlq")
+    assert dead.value == value and last_header(dead.headers, DLQHeader.OFFSET) == "1"
+    assert broker.groups[service.group].committed[(ORDERS, partition)] == 3
+    assert event_id is not None
+    key = idempotency_key(config.redis_prefix, "inventory", "reserve", SAGA_A, event_id.decode())
+    # A copy's key stays done (the good one's outcome); an unreadable event's own key is free again.
+    assert await store.claim([key], "someone-else", 1_000) == [ClaimResult.DONE if copy else ClaimResult.CLAIMED]
 
 
 async def test_a_poison_record_behind_a_failed_record_of_its_key_is_dead_lettered_once(
