@@ -400,20 +400,10 @@ class Codec:
         ``wrong-type`` (a writer of another record, not an alias) or ``incompatible`` (the
         data cannot be resolved into the reader schema).
         """
-        return self.read(data, self.writer_of(data))
-
-    def writer_of(self, data: bytes) -> tuple[Any, Any]:
-        """The writer and reader schemas to read ``data`` with, checked from its header alone:
-        DecodeError ``not-avro`` (no marker), ``unknown-schema`` or ``wrong-type``. The body is
-        read by ``read``, so a caller can find out cheaply whether a value can be read at all."""
         if len(data) < _HEADER_LEN or data[:2] != MAGIC:
             raise DecodeError("not an Avro single-object encoded value", reason="not-avro")
         fp = data[2:_HEADER_LEN]
-        return self._pairs.get(fp) or self._resolve(fp)
-
-    def read(self, data: bytes, pair: tuple[Any, Any]) -> dict[str, Any]:
-        """The body of ``data``, whose header ``writer_of`` checked: DecodeError ``not-avro``
-        (truncated, garbage or trailing bytes) or ``incompatible``."""
+        pair = self._pairs.get(fp) or self._resolve(fp)
         fo = BytesIO(data)  # shares the buffer; slicing off the header would copy the body
         fo.seek(_HEADER_LEN)
         try:

@@ -2,9 +2,8 @@
 
 The path of one batch (see DESIGN.md)::
 
-    fetch batch -> decode the envelopes -> claim every idempotency key (one Redis call; beside it,
-      whether any key has a parking list: only then the retry-order gate, a second), and while
-      Redis answers, read the Avro bodies (by fingerprint)
+    fetch batch -> decode (Avro by fingerprint) -> claim every idempotency key (one Redis call;
+      beside it, whether any key has a parking list: only then the retry-order gate, a second)
       -> run handlers: a chain per record key in offset order, chains concurrently (bounded)
       -> hand the emitted events to the producer; then, as the batch's tail:
          wait for the broker's acks -> mark keys done / release failed claims (one Redis call)
@@ -47,7 +46,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from choreo.context import Context
 from choreo.errors import ChoreoError, ConfigurationError, DecodeError, EmitError, IdempotencyError, TransportError
@@ -74,26 +73,25 @@ from choreo.logs import enter_event, event_context, leave_event
 from choreo.metrics import Metrics
 from choreo.tracing import Tracing, trace_id_of
 from choreo.transport import OutgoingRecord, Record, TopicPartition, TopicSpec, Transport
-from choreo.wire import Body, Wire, derive_event_id
+from choreo.wire import Wire, derive_event_id
 
 log = logging.getLogger("choreo.service")
 
 H = TypeVar("H", bound=Handler)
 
-_OK, _SKIPPED, _FAILED, _BUSY, _NOT_RUN, _DEAD, _TO_RETRY, _PARKED, _UNREADABLE = range(9)
+_OK, _SKIPPED, _FAILED, _BUSY, _NOT_RUN, _DEAD, _TO_RETRY, _PARKED = range(8)
 _BEHIND = math.inf
 # Outcomes counted once their batch is committed (failed attempts and retries are counted as they happen).
 _OUTCOME_NAMES = {_OK: "ok", _SKIPPED: "skipped", _DEAD: "dead_lettered", _PARKED: "parked"}
 # Outcomes after which the offset may move on: a retried or parked event lives on in a retry topic.
 _FINISHED = (_OK, _SKIPPED, _DEAD, _TO_RETRY, _PARKED)
-_UNREAD = cast(Event, None)
 
 
 @dataclass(slots=True)
 class _Item:
     record: Record
     envelope: Envelope
-    event: Event  # ``_UNREAD`` until its body is read, while its claim is under way (``_read_bodies``)
+    event: Event
     sub: Subscription
     key: str
     claim: ClaimResult = ClaimResult.BUSY
@@ -582,7 +580,7 @@ class Service:
         # batch is processed within milliseconds.
         self._batch_time = utc_now_iso()
         self._batch_ms = int(time.time() * 1000)
-        fresh, poison, waits, unread = self._decode(records)
+        fresh, poison, waits = self._decode(records)
         for tp, (offset, wait) in waits.items():
             self._pause(tp, offset, wait)
             self._position[tp] = offset
@@ -601,9 +599,12 @@ class Service:
         # Everything whose outcome this batch makes durable: what it runs, and the late calls of
         # earlier batches that have finished since.
         settled = run + late
+        if not settled and not poison:
+            if await self._previous_durable(touched):
+                self._store_offsets(self._carry(held_back, [], touched))
+            return
         tail = self._tail
-        if run and tail is not None and (
-                rerun or tail.released and not tail.released.isdisjoint(i.key for i in run)):
+        if tail is not None and (rerun or tail.released and not tail.released.isdisjoint(i.key for i in run)):
             # An event held over in memory runs again, or a copy of one the previous batch gives
             # back (a dead letter replayed, say): its claim must be given back before this batch
             # claims it anew, not after.
@@ -611,24 +612,11 @@ class Service:
                 return
 
         try:
-            claims, parked, unreadable = await self._claim(run, store, parking, unread)
+            claims, parked = await self._claim(run, store, parking)
         except IdempotencyError as exc:
             self._log.error("%s; pausing %d partitions", exc, len(touched))
             if await self._previous_durable(touched):
                 self._back_off(fresh, poison, settled, held_back, touched)
-            return
-        unclaim: list[str] = []
-        if unreadable:
-            # Bodies that cannot be read are dead-lettered in their place, like any undecodable
-            # record. They were claimed with their envelopes: those claims are given back below.
-            unclaim = [i.key for i, claim in zip(run, claims)
-                       if i.outcome == _UNREADABLE and claim is ClaimResult.CLAIMED]
-            claims = [claim for i, claim in zip(run, claims) if i.outcome != _UNREADABLE]
-            run, chains = _drop_unreadable(unreadable, poison, fresh, chains, held_back)
-            settled = run + late
-        if not settled and not poison:
-            if await self._previous_durable(touched):
-                self._store_offsets(self._carry(held_back, [], touched))
             return
         # The store grants this owner's own claim again, so an event whose claim this process holds
         # is recognised here: a copy in this batch or in the previous one (whose done marks may not
@@ -648,9 +636,6 @@ class Service:
                     item.copy_of = first
                     claim = ClaimResult.BUSY
             item.claim = claim
-        if unclaim:
-            # Not a claim that a readable copy of the same event holds here (the store granted both).
-            await self._give_back([k for k in set(unclaim) if k not in claimed_here and k not in previous], store)
 
         # Per-key order across retry topics: which events must wait behind an earlier one of their key.
         gated = [i for i in run if i.park_key is not None and i.claim is not ClaimResult.BUSY]
@@ -847,12 +832,11 @@ class Service:
     def _decode(
         self, records: list[Record]
     ) -> tuple[dict[TopicPartition, list[_Item]], dict[TopicPartition, list[tuple[Record, DecodeError]]],
-               dict[TopicPartition, tuple[int, float | None]], list[tuple[Record, Body, list[_Item]]]]:
+               dict[TopicPartition, tuple[int, float | None]]]:
         """The batch's records as items per partition in offset order, the records that cannot be
-        decoded (dead-lettered in their place), the partitions that wait from an offset on (a retry
-        record not yet due, for the seconds given, or a writer schema that could not be fetched:
-        None, back off), and the bodies still to read (``_read_bodies``): only envelopes are read
-        here, so the claims can go out first. Every decoded record moves its partition's position on."""
+        decoded (dead-lettered in their place), and the partitions that wait from an offset on: a
+        retry record not yet due (for the seconds given), or a writer schema that could not be
+        fetched (None: back off). Every decoded record moves its partition's position on."""
         wire = self._wire
         assert wire is not None
         settings = self.settings
@@ -865,7 +849,6 @@ class Service:
         stored = self._stored
         group = self.group
         parks: dict[str, bool] = {}  # per handler: are its keyed events gated (ordered retries)?
-        unread: list[tuple[Record, Body, list[_Item]]] = []
         for record in records:
             tp = (record.topic, record.partition)
             if tp in self._resume_at or tp in waits:
@@ -895,7 +878,7 @@ class Service:
                     position[tp] = record.offset + 1
                     continue
             try:
-                envelope, body = wire.decode_envelope(record, cls)
+                envelope, event = wire.decode(record, cls)
             except DecodeError as exc:
                 poison.setdefault(tp, []).append((record, exc))
                 position[tp] = record.offset + 1
@@ -908,10 +891,9 @@ class Service:
             position[tp] = record.offset + 1
             items = partitions.setdefault(tp, [])
             origin_topic = record.topic if state is None else state.origin[0]
-            mine: list[_Item] = []
             for sub in subs:
                 key = idempotency_key(prefix, self.name, sub.name, envelope.correlation_id, envelope.event_id)
-                item = _Item(record, envelope, _UNREAD, sub, key, retry=state)
+                item = _Item(record, envelope, event, sub, key, retry=state)
                 gated = parks.get(sub.name)
                 if gated is None:
                     gated = parks[sub.name] = bool(settings.retry_tiers) and (sub.retry or self.retry).ordered and (
@@ -919,27 +901,7 @@ class Service:
                 if gated and record.key is not None:
                     item.park_key = park_key(prefix, group, sub.name, origin_topic, record.key)
                 items.append(item)
-                mine.append(item)
-            unread.append((record, body, mine))
-        return partitions, poison, waits, unread
-
-    def _read_bodies(self, unread: list[tuple[Record, Body, list[_Item]]]
-                     ) -> dict[TopicPartition, list[tuple[Record, DecodeError]]]:
-        """Read the events of ``_decode``'s records; those whose body cannot be read are returned, and
-        their items marked ``_UNREADABLE`` for ``_drop_unreadable``."""
-        decode_body = self._wire.decode_body  # type: ignore[union-attr]  # started
-        bad: dict[TopicPartition, list[tuple[Record, DecodeError]]] = {}
-        for record, body, items in unread:
-            try:
-                event = decode_body(record.value, body)  # type: ignore[arg-type]  # None is refused before
-            except DecodeError as exc:
-                bad.setdefault((record.topic, record.partition), []).append((record, exc))
-                for item in items:
-                    item.outcome = _UNREADABLE
-                continue
-            for item in items:
-                item.event = event
-        return bad
+        return partitions, poison, waits
 
     def _plan(
         self, fresh: dict[TopicPartition, list[_Item]]
@@ -1481,36 +1443,23 @@ class Service:
         transport.pause([tp])
         self._resume_at[tp] = time.monotonic() + delay
 
-    async def _claim(
-        self, run: list[_Item], store: IdempotencyStore, parking: ParkingLot,
-        unread: list[tuple[Record, Body, list[_Item]]],
-    ) -> tuple[list[ClaimResult], bool | IdempotencyError, dict[TopicPartition, list[tuple[Record, DecodeError]]]]:
-        """The batch's claims, whether any of its events' keys has a parking list, and the records
-        whose bodies cannot be read (``_read_bodies``). The two questions are asked at the same time
-        (nearly always no key has a list, and then the gate's own round trip is skipped), and the
-        bodies are read while Redis answers: the claims need only the envelopes. A failed question
-        about lists is returned, not raised, so the caller can give back the claims it got."""
+    async def _claim(self, run: list[_Item], store: IdempotencyStore,
+                     parking: ParkingLot) -> tuple[list[ClaimResult], bool | IdempotencyError]:
+        """The batch's claims, and whether any of its events' keys has a parking list, asked at the
+        same time: nearly always none has, and then the gate's own round trip is skipped. A failed
+        question is returned, not raised, so the caller can give back the claims it got."""
         if not run:
-            return [], False, self._read_bodies(unread)
-        claiming = asyncio.ensure_future(store.claim([i.key for i in run], self._owner, self.settings.claim_lease_ms))
+            return [], False
+        claiming = store.claim([i.key for i in run], self._owner, self.settings.claim_lease_ms)
         lists = [i.park_key for i in run if i.park_key is not None]
-        asking = asyncio.ensure_future(parking.any_parked(lists)) if lists else None
-        try:
-            await asyncio.sleep(0)  # one step of each: their requests are written before the bodies are read
-            unreadable = self._read_bodies(unread)
-        except BaseException:
-            claiming.cancel()
-            if asking is not None:
-                asking.cancel()
-            raise
-        if asking is None:
-            return await claiming, False, unreadable
-        claims, parked = await asyncio.gather(claiming, asking, return_exceptions=True)
+        if not lists:
+            return await claiming, False
+        claims, parked = await asyncio.gather(claiming, parking.any_parked(lists), return_exceptions=True)
         if isinstance(claims, BaseException):
             raise claims
         if isinstance(parked, BaseException) and not isinstance(parked, IdempotencyError):
             raise parked
-        return claims, parked, unreadable
+        return claims, parked
 
     async def _release(self, items: list[_Item], store: IdempotencyStore) -> None:
         await self._give_back([i.key for i in items], store)
@@ -1571,21 +1520,6 @@ def _recheck_at(now_ms: int, head_due_ms: int) -> int:
     if not head_due_ms:
         return now_ms + recheck_ms
     return max(now_ms + recheck_ms // 10, min(head_due_ms + recheck_ms // 10, now_ms + 10 * recheck_ms))
-
-
-def _drop_unreadable(
-    unreadable: dict[TopicPartition, list[tuple[Record, DecodeError]]],
-    poison: dict[TopicPartition, list[tuple[Record, DecodeError]]], fresh: dict[TopicPartition, list[_Item]],
-    chains: list[list[_Item]], held_back: dict[TopicPartition, list[_Item]],
-) -> tuple[list[_Item], list[list[_Item]]]:
-    """Move the records whose bodies cannot be read to ``poison`` (in offset order, as ``_back_off``
-    expects) and their items out of the batch; the batch's run and chains without them."""
-    for tp, bad in unreadable.items():
-        poison[tp] = sorted(poison.get(tp, []) + bad, key=lambda pair: pair[0].offset)
-    for items in (*fresh.values(), *held_back.values()):
-        items[:] = [i for i in items if i.outcome != _UNREADABLE]
-    kept = [chain for chain in ([i for i in c if i.outcome != _UNREADABLE] for c in chains) if chain]
-    return [i for chain in kept for i in chain], kept
 
 
 @dataclass(slots=True)

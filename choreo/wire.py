@@ -76,10 +76,6 @@ class _TypeInfo:
         )
 
 
-#: What ``Wire.decode_body`` needs to read a value: its type and its writer and reader schemas.
-Body = tuple[_TypeInfo, tuple[Any, Any]]
-
-
 class Wire:
     """Encoder and decoder for the event types one process uses.
 
@@ -145,17 +141,8 @@ class Wire:
         """The envelope and typed event of ``record``, expected to hold a ``cls`` event.
 
         Raises ``DecodeError`` with ``reason`` one of: missing-header, bad-header, wrong-type,
-        not-avro, unknown-schema, incompatible, invalid (the value fails the model's validation).
+        not-avro, unknown-schema, invalid (the value fails the model's validation).
         """
-        envelope, body = self.decode_envelope(record, cls)
-        return envelope, self.decode_body(record.value, body)  # type: ignore[arg-type]  # checked there
-
-    def decode_envelope(self, record: Record, cls: type[Event]) -> tuple[Envelope, Body]:
-        """``decode`` in two halves: the envelope, with every check that needs only the headers and
-        the value's schema header (``DecodeError`` missing-header, bad-header, wrong-type, not-avro,
-        unknown-schema), and what ``decode_body`` needs to read the value (``DecodeError`` not-avro,
-        incompatible, invalid). A service claims an event with its envelope and reads its body
-        while Redis answers."""
         info = self._types.get(cls) or self.add(cls)
         headers: dict[str, Any] = dict(record.headers)
         try:
@@ -191,19 +178,15 @@ class Wire:
         )
         if record.value is None:
             raise DecodeError("the record has no value", reason="not-avro")
-        return env, (info, info.codec.writer_of(record.value))
-
-    def decode_body(self, value: bytes, body: Body) -> Event:
-        """The typed event of a value whose envelope ``decode_envelope`` read."""
-        info, pair = body
-        data = info.codec.read(value, pair)
+        data = info.codec.decode(record.value)
         try:
-            return info.from_avro(data)
+            event = info.from_avro(data)
         except pydantic.ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise DecodeError(
-                f"value fails {info.cls.__name__} validation at {where}: {first['msg']}", reason="invalid"
+                f"value fails {cls.__name__} validation at {where}: {first['msg']}", reason="invalid"
             ) from None
+        return env, event
 
 

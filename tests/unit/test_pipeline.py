@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import pytest
 
@@ -312,32 +311,3 @@ async def test_a_replayed_dead_letter_in_the_next_batch_runs_once_its_claim_was_
     assert len(broker.records(PREFIX + Step.topic() + ".dlq")) == 1
     key = next(k for kind, keys in store.log if kind == "release" for k in keys)
     assert [kind for kind, keys in store.log if key in keys][:3] == ["claim", "release", "claim"]
-
-
-async def test_a_batch_claims_its_events_before_it_reads_their_bodies(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The claim needs only the envelopes; the bodies are read while Redis answers it.
-    broker = MemoryBroker()
-    await _publish(broker, 8)
-    steps: list[str] = []
-
-    class Logged(MemoryIdempotencyStore):
-        async def claim(self, keys: Sequence[str], owner: str, lease_ms: int) -> list[ClaimResult]:
-            steps.append(f"claim {len(keys)}")
-            return await super().claim(keys, owner, lease_ms)
-
-    read = Wire.decode_body
-
-    def logged_read(wire: Wire, value: bytes, body: Any) -> Event:
-        steps.append("read")
-        return read(wire, value, body)
-
-    monkeypatch.setattr(Wire, "decode_body", logged_read)
-    runs: list[tuple[str, int]] = []
-    service = _service(broker, MemoryTransport(broker), Logged(), runs)
-    await service.start()
-    await service.poll_once(timeout=0.002)
-    await service.poll_once(timeout=0.002)
-    await service.flush()
-    await service.close()
-    assert steps == ["claim 4", "read", "read", "read", "read"] * 2
-    assert len(runs) == 8

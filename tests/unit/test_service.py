@@ -578,12 +578,11 @@ async def test_a_poison_record_is_dead_lettered_in_its_place_and_the_partition_g
 
 @pytest.mark.parametrize("fault", ["truncated", "trailing-bytes"])
 @pytest.mark.parametrize("copy", [False, True], ids=["own-id", "copy-of-a-good-one"])
-async def test_a_body_that_cannot_be_read_is_dead_lettered_and_its_claim_given_back(
+async def test_a_body_that_cannot_be_read_is_dead_lettered_and_holds_no_claim(
     publisher: Publisher, broker: MemoryBroker, config: Settings, fault: str, copy: bool,
 ) -> None:
-    # Its headers are sound, so it is claimed with its envelope, and its body is read while the
-    # claim is under way: only then is it found unreadable. Its claim is given back, unless a good
-    # copy of the same event (same id, hence key) in the batch holds it.
+    # Its headers and schema fingerprint are sound; only reading the body fails. It takes no claim
+    # of its own, and a good copy of the same event (same id, hence key) keeps its claim.
     store = MemoryIdempotencyStore()
     service = Service("inventory", settings=config, transport=MemoryTransport(broker), idempotency=store)
     calls: list[str] = []
