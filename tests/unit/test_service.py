@@ -614,7 +614,7 @@ async def test_a_body_that_cannot_be_read_is_dead_lettered_and_holds_no_claim(
     assert broker.groups[service.group].committed[(ORDERS, partition)] == 3
     assert event_id is not None
     key = idempotency_key(config.redis_prefix, "inventory", "reserve", SAGA_A, event_id.decode())
-    # A copy's key stays done (the good one's outcome); an unreadable event's own key is free again.
+    # A copy's key stays done (the good one's outcome); an unreadable event's own key was never claimed.
     assert await store.claim([key], "someone-else", 1_000) == [ClaimResult.DONE if copy else ClaimResult.CLAIMED]
 
 
