@@ -244,6 +244,7 @@ class SagaTracker:
         self._store = store
         self._interval = check_interval_s
         self._timer: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Event | None = None
         self.service = Service(name, settings=settings)
         for type_name in sorted(self._index.types):
             cls = self._index.types[type_name]
@@ -263,12 +264,22 @@ class SagaTracker:
 
             settings = self.service.settings
             self._store = RedisSagaStore(settings.redis_url, prefix=settings.redis_prefix)
-        self._timer = asyncio.create_task(self._check_deadlines(), name=f"{self.service.name}-deadlines")
+        self._stopping = asyncio.Event()
+        self._timer = asyncio.create_task(self._check_deadlines(self._stopping), name=f"{self.service.name}-deadlines")
 
     async def _stop(self) -> None:
         if self._timer is not None:
+            # The cancel alone can be lost: on Python 3.11 ``asyncio.wait_for`` (redis-py's socket writes)
+            # returns a result that arrived with the cancel and drops the cancel. The timer also checks
+            # the flag, and is waited for no longer than the shutdown timeout: a service must stop.
+            assert self._stopping is not None
+            self._stopping.set()
             self._timer.cancel()
-            await asyncio.gather(self._timer, return_exceptions=True)
+            _, pending = await asyncio.wait({self._timer}, timeout=self.service.settings.shutdown_timeout_s)
+            if pending:
+                log.warning("the saga deadline timer of %s did not stop within %.0f s; left behind",
+                            self.service.name, self.service.settings.shutdown_timeout_s)
+            self._timer = None
         if self._store is not None:
             await self._store.close()
 
@@ -299,13 +310,17 @@ class SagaTracker:
         if metrics.enabled and new is not None and new.get("ended_at") is not None and ended_before == [False]:
             metrics.saga_ended(saga.name, new["status"], (new["ended_at"] - new["started_at"]) / 1000)
 
-    async def _check_deadlines(self) -> None:
+    async def _check_deadlines(self, stopping: asyncio.Event) -> None:
         from choreo.publisher import Publisher
 
         publisher = Publisher(self.service.name, settings=self.service.settings)
         try:
             while True:
-                await asyncio.sleep(self._interval)
+                try:
+                    await asyncio.wait_for(stopping.wait(), self._interval)
+                    return  # asked to stop (also after a cancel that was lost during the last check)
+                except asyncio.TimeoutError:
+                    pass
                 try:
                     await self.check_deadlines(publisher)
                     counts = getattr(self.store, "counts", None)

@@ -1,13 +1,14 @@
-"""The saga tracker's pure parts: folding events into saga state, deadlines, and verify."""
+"""The saga tracker's pure parts (folding events into saga state, deadlines, verify) and its timer's stop."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import Any
 
 import pytest
 
-from choreo import FlowGraph, SagaTimedOut
+from choreo import FlowGraph, SagaTimedOut, SagaTracker
 from choreo.tracker import _Index, fold, next_deadline, verify
 from services.checkout import checkout, services
 
@@ -130,3 +131,32 @@ def test_a_compensation_that_gave_up_ends_the_saga_as_compensation_failed() -> N
                  producer="inventory", causation_id="e6", at_ms=T0 + 100, attempt=1)
     assert state["status"] == "compensation_failed" and state["ended_at"] == T0 + 100
     assert next_deadline(state, checkout) is None, "reported, and not timed out on top"
+
+
+class _LosesTheCancel:
+    """A saga store whose ``due`` drops a cancel, as ``asyncio.wait_for`` does on Python 3.11 when the
+    awaited result arrives together with the cancel (redis-py writes with it)."""
+
+    def __init__(self) -> None:
+        self.checking = asyncio.Event()
+
+    async def due(self, now_ms: int, limit: int) -> list[str]:
+        if not self.checking.is_set():  # the first check only: a timer that ignores its flag still ends
+            self.checking.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass
+        return []
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_the_deadline_timer_stops_even_when_a_check_loses_the_cancel() -> None:
+    store = _LosesTheCancel()
+    tracker = SagaTracker("tracker", services, [checkout], store=store, check_interval_s=0.01)  # type: ignore[arg-type]
+    await tracker._start()
+    await asyncio.wait_for(store.checking.wait(), 5)
+    await asyncio.wait_for(tracker._stop(), 5)  # hung for good when only the cancel stopped the timer
+    assert tracker._timer is None
