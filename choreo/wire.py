@@ -29,7 +29,9 @@ _H_PROD = Header.PRODUCER
 _H_ATTEMPT = Header.ATTEMPT
 
 
-_VARIANT = "89ab89ab89ab89ab"
+# The variant digit for each hex digit of the digest: its top two bits become 10 (RFC 4122).
+_VARIANT = {f"{n:x}": "89ab"[n & 3] for n in range(16)}
+_blake2b = hashlib.blake2b
 
 
 def derive_event_id(source_id: str, handler: str, index: int) -> str:
@@ -37,9 +39,9 @@ def derive_event_id(source_id: str, handler: str, index: int) -> str:
 
     Formatted by hand from the BLAKE2b digest: building a ``uuid.UUID`` costs more than hashing.
     """
-    d = hashlib.blake2b(f"{source_id}/{handler}/{index}".encode(), digest_size=16).hexdigest()
+    d = _blake2b(f"{source_id}/{handler}/{index}".encode(), digest_size=16).hexdigest()
     # Version nibble 8 (RFC 9562 custom), variant bits 10xx (RFC 4122).
-    return f"{d[:8]}-{d[8:12]}-8{d[13:16]}-{_VARIANT[int(d[16], 16)]}{d[17:20]}-{d[20:32]}"
+    return f"{d[:8]}-{d[8:12]}-8{d[13:16]}-{_VARIANT[d[16]]}{d[17:20]}-{d[20:]}"
 
 
 def new_event_id() -> str:

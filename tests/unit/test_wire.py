@@ -211,6 +211,13 @@ def test_derive_event_id_differs_when_any_input_differs(source: str, handler: st
     assert derive_event_id(source, handler, index) != derive_event_id("evt-1", "reserve", 0)
 
 
+def test_derived_event_ids_never_change_between_releases() -> None:
+    # A re-run after an upgrade must emit the ids the first run emitted, or downstream services
+    # would not recognise the copies: these values are part of the wire format.
+    assert derive_event_id("evt-1", "reserve", 0) == "0ef091ba-ef76-830e-82fa-33629af58a54"
+    assert derive_event_id("evt-1", "reserve", 1) == "f353f3ce-e0c2-8dd3-af9f-6b34a6346355"
+
+
 def test_derived_event_id_is_a_version_8_rfc_uuid() -> None:
     value = derive_event_id("evt-1", "reserve", 0)
     parsed = uuid.UUID(value)
