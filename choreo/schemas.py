@@ -35,6 +35,7 @@ from fastavro.schema import to_parsing_canonical_form
 from fastavro.validation import ValidationError, validate
 
 from choreo.errors import DecodeError, SchemaError
+from choreo.flatavro import Decoder, compile_record
 
 MAGIC = b"\xc3\x01"
 _HEADER_LEN = 10
@@ -357,7 +358,7 @@ class Codec:
     exceptions propagate, since a registry outage is not a poison message.
     """
 
-    __slots__ = ("reader", "_known", "_lookup", "_header", "_parsed", "_names", "_pairs")
+    __slots__ = ("reader", "_known", "_lookup", "_header", "_parsed", "_names", "_pairs", "_flat_encode")
 
     def __init__(self, reader: AvroSchema, known: SchemaSet,
                  lookup: Callable[[int], AvroSchema | None] | None = None) -> None:
@@ -365,13 +366,22 @@ class Codec:
         self._known, self._lookup = known, lookup
         self._header, self._parsed = reader.header, reader.parsed
         self._names = _aliases(reader.parsed)
-        # reader None: same schema, so fastavro skips resolution on the common path
-        self._pairs: dict[bytes, tuple[Any, Any]] = {reader.header[2:]: (reader.parsed, None)}
+        flat = compile_record(reader.parsed, reader.header)
+        self._flat_encode = flat[0] if flat is not None else None
+        # (writer, reader, straight-line decoder): reader None is the same schema, so fastavro skips
+        # resolution; the decoder, for a flat record written with this very schema, skips fastavro.
+        self._pairs: dict[bytes, tuple[Any, Any, Decoder | None]] = {
+            reader.header[2:]: (reader.parsed, None, flat[1] if flat is not None else None)}
 
     def encode(self, record: Mapping[str, Any]) -> bytes:
         """Header plus Avro body. Keys the schema does not know are ignored; a missing field
         takes its schema default. A value that does not fit raises SchemaError naming the field.
         """
+        if self._flat_encode is not None:
+            try:
+                return self._flat_encode(record)
+            except Exception:  # a missing field, a value of another type: fastavro's path decides
+                pass
         out = BytesIO()
         out.write(self._header)
         try:
@@ -404,6 +414,12 @@ class Codec:
             raise DecodeError("not an Avro single-object encoded value", reason="not-avro")
         fp = data[2:_HEADER_LEN]
         pair = self._pairs.get(fp) or self._resolve(fp)
+        flat = pair[2]
+        if flat is not None:
+            try:
+                return flat(data, _HEADER_LEN, len(data))
+            except Exception as exc:  # truncated, a bad length or union branch, not UTF-8, trailing bytes
+                raise DecodeError(f"invalid Avro body: {type(exc).__name__}: {exc}", reason="not-avro") from exc
         fo = BytesIO(data)  # shares the buffer; slicing off the header would copy the body
         fo.seek(_HEADER_LEN)
         try:
@@ -418,7 +434,7 @@ class Codec:
             raise DecodeError("invalid Avro body: trailing bytes", reason="not-avro")
         return value
 
-    def _resolve(self, fp_bytes: bytes) -> tuple[Any, Any]:
+    def _resolve(self, fp_bytes: bytes) -> tuple[Any, Any, Decoder | None]:
         fp = int.from_bytes(fp_bytes, "little")
         writer = self._known.by_fingerprint(fp)
         if writer is None and self._lookup is not None:
@@ -429,7 +445,7 @@ class Codec:
         if writer.full_name not in self._names:
             raise DecodeError(f"value of {writer.full_name} where {self.reader.full_name} "
                               "was expected", reason="wrong-type")
-        pair = (writer.parsed, self._parsed)
+        pair = (writer.parsed, self._parsed, None)
         self._pairs[fp_bytes] = pair
         return pair
 
