@@ -138,6 +138,30 @@ async def test_keys_of_one_partition_run_concurrently_up_to_the_bound_and_each_k
     assert tracker.seen == expected_order(keys)
 
 
+async def test_calls_that_wait_on_nothing_run_in_order_and_the_first_that_waits_brings_the_bound(
+    make_service: Callable[..., Service], broker: MemoryBroker
+) -> None:
+    # A batch starts with one worker; the first call that waits on something starts the others.
+    service = make_service(concurrency=4)
+    tracker = Tracker()
+    order: list[int] = []
+
+    @service.on(Work)
+    async def work(event: Work, ctx: Context) -> None:
+        order.append(event.seq)
+        if event.seq >= 10:  # the first ten never give the loop a turn
+            await tracker.run(event, 0.003)
+
+    keys = [f"k{i}" for i in range(30)]
+    await publish(broker, keys)
+    await service.start()
+    await poll_until(service, lambda: len(order) == len(keys) and tracker.in_flight == 0)
+
+    assert order[:11] == list(range(11)), "in offset order up to the first call that waits"
+    assert tracker.peak == 4, "then as many waiting calls at a time as the bound allows"
+    assert sorted(order) == list(range(30))
+
+
 async def test_the_bound_holds_across_partitions(make_service: Callable[..., Service], broker: MemoryBroker) -> None:
     service = make_service(concurrency=3, partitions=4)
     tracker = Tracker()
