@@ -9,6 +9,7 @@ a background thread serves its delivery callbacks so an ``await send(...)`` neve
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import threading
@@ -33,27 +34,28 @@ log = logging.getLogger("choreo.kafka")
 
 
 class _Acks:
-    """Counts delivery reports of one ``send`` call and wakes the awaiting coroutine once, at the end."""
+    """Counts delivery reports of one ``send`` call and wakes the awaiting coroutine once, at the end.
 
-    __slots__ = ("_lock", "_pending", "_errors", "_future", "_loop", "_on_stuck")
+    Reports come from the flushing thread, and rarely from the loop's (a full local queue), so the
+    count is an ``itertools.count``, whose ``next`` is atomic: no lock per record. An error is
+    appended before its report is counted, so the report counted last sees every error."""
+
+    __slots__ = ("_counted", "_count", "_errors", "_future", "_loop", "_on_stuck")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, count: int, on_stuck: Callable[[], None]) -> None:
-        self._lock = threading.Lock()
-        self._pending = count
+        self._counted = itertools.count(1)
+        self._count = count
         self._errors: list[str] = []
         self._loop = loop
         self._future: asyncio.Future[None] = loop.create_future()
         self._on_stuck = on_stuck
 
     def __call__(self, err: KafkaError | None, msg: Any) -> None:
-        with self._lock:
-            if err is not None:
-                self._errors.append(f"{msg.topic()}: {err.str()}")
-                if err.fatal() or err.code() == KafkaError._MSG_TIMED_OUT:
-                    self._on_stuck()
-            self._pending -= 1
-            finished = self._pending == 0
-        if finished:
+        if err is not None:
+            self._errors.append(f"{msg.topic()}: {err.str()}")
+            if err.fatal() or err.code() == KafkaError._MSG_TIMED_OUT:
+                self._on_stuck()
+        if next(self._counted) == self._count:
             self._loop.call_soon_threadsafe(self._resolve)
 
     def _resolve(self) -> None:
