@@ -985,7 +985,8 @@ class Service:
 
     async def _run_chains(self, chains: list[list[_Item]]) -> None:
         """Run the chains, at most ``Settings.concurrency`` handler calls at a time: a few workers
-        (not a task per event) each take the next chain and run it through.
+        (not a task per event) each take the next chain and run it through; the first starts the
+        others once a call waits on something.
 
         After ``Settings.slow_handler_ms`` the batch goes on: workers start nothing more, and a call
         still running finishes in the background as a late item that holds back its chain."""
