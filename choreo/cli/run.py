@@ -30,7 +30,7 @@ def command(args: argparse.Namespace) -> int:
 
 
 #: Collections of the youngest generation after this many net allocations (CPython's default: 700).
-GC_THRESHOLD = (25_000, 20, 10)
+GC_THRESHOLD = (100_000, 20, 10)
 
 
 def tune_gc() -> None:
