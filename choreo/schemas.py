@@ -366,12 +366,12 @@ class Codec:
         self._known, self._lookup = known, lookup
         self._header, self._parsed = reader.header, reader.parsed
         self._names = _aliases(reader.parsed)
-        flat = compile_record(reader.parsed, reader.header)
-        self._flat_encode = flat[0] if flat is not None else None
+        flat_encode, flat_decode = compile_record(reader.parsed, reader.header) or (None, None)
+        self._flat_encode = flat_encode
         # (writer, reader, straight-line decoder): reader None is the same schema, so fastavro skips
         # resolution; the decoder, for a flat record written with this very schema, skips fastavro.
         self._pairs: dict[bytes, tuple[Any, Any, Decoder | None]] = {
-            reader.header[2:]: (reader.parsed, None, flat[1] if flat is not None else None)}
+            reader.header[2:]: (reader.parsed, None, flat_decode)}
 
     def encode(self, record: Mapping[str, Any]) -> bytes:
         """Header plus Avro body. Keys the schema does not know are ignored; a missing field

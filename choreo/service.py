@@ -1011,12 +1011,12 @@ class Service:
         # (64 tasks per batch cost about half a microsecond per event). The first call that waits on
         # something starts the others (``_Phase.grow``), so waiting calls still overlap up to the width.
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + settings.slow_handler_ms / 1000
+        budget = settings.slow_handler_ms / 1000
+        deadline = loop.time() + budget
         tasks = [asyncio.create_task(worker(0))]
         if width > 1:
             grown = phase.grown = loop.create_future()
-            await asyncio.wait((tasks[0], grown), timeout=settings.slow_handler_ms / 1000,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((tasks[0], grown), timeout=budget, return_when=asyncio.FIRST_COMPLETED)
             phase.grown = None
             if grown.done() and not tasks[0].done():
                 tasks += [asyncio.create_task(worker(slot)) for slot in range(1, width)]
