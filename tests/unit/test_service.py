@@ -764,3 +764,40 @@ async def test_a_writer_schema_that_cannot_be_fetched_is_retried_not_dropped(
     await publisher.publish(OrderPlacedV1b(order_id="new-writer", quantity=1, note="x"), correlation_id=SAGA_A)
     await poll_until(service, lambda: seen == ["new-writer"], polls=100)
     assert list(service.stats.dead_lettered) == []
+
+
+async def test_a_body_that_cannot_be_read_is_dead_lettered_once_for_all_its_handlers(
+    publisher: Publisher, broker: MemoryBroker, config: Settings,
+) -> None:
+    # Its value is decoded while the batch's claims are out, so both handlers claimed it first:
+    # one dead letter for the record, and both claims given back.
+    store = MemoryIdempotencyStore()
+    service = Service("inventory", settings=config, transport=MemoryTransport(broker), idempotency=store)
+    calls: list[str] = []
+
+    @service.on(OrderPlaced)
+    async def reserve(event: OrderPlaced, ctx: Context) -> None:
+        calls.append(f"reserve {event.order_id}")
+
+    @service.on(OrderPlaced)
+    async def audit(event: OrderPlaced, ctx: Context) -> None:
+        calls.append(f"audit {event.order_id}")
+
+    await service.start()
+    await publisher.publish(OrderPlaced(order_id="before", quantity=1), correlation_id=SAGA_A)
+    [good] = broker.records(ORDERS)
+    headers = [(k, b"bad-1" if k == Header.EVENT_ID else v) for k, v in good.headers]
+    partition, _ = broker.append(OutgoingRecord(ORDERS, good.key, good.value[:-1], headers))  # type: ignore[index]
+    await publisher.publish(OrderPlaced(order_id="after", quantity=1), correlation_id=SAGA_A)
+
+    await poll_until(service, lambda: len(calls) == 4)
+    await service.close()
+
+    # Each handler keeps the partition's order (their chains run side by side).
+    assert [c for c in calls if c.startswith("reserve")] == ["reserve before", "reserve after"]
+    assert [c for c in calls if c.startswith("audit")] == ["audit before", "audit after"]
+    assert list(service.stats.dead_lettered) == [(ORDERS, partition, 1, "not-avro")]
+    assert len(broker.records(ORDERS + ".dlq")) == 1
+    assert broker.groups[service.group].committed[(ORDERS, partition)] == 3
+    keys = [idempotency_key(config.redis_prefix, "inventory", name, SAGA_A, "bad-1") for name in ("reserve", "audit")]
+    assert await store.claim(keys, "someone-else", 1_000) == [ClaimResult.CLAIMED] * 2
