@@ -404,11 +404,6 @@ class Codec:
             pass
         return SchemaError(f"cannot encode {name}: {exc}", path=self.reader.path)
 
-    def resolved(self, data: bytes) -> bool:
-        """Whether ``data`` is single-object encoded with a writer schema already resolved here, so
-        ``decode`` will not look one up."""
-        return data[:2] == MAGIC and data[2:_HEADER_LEN] in self._pairs
-
     def decode(self, data: bytes) -> dict[str, Any]:
         """Decode one value. Never raises anything but DecodeError for bad input; ``reason`` is
         ``not-avro`` (bad marker, truncated, garbage or trailing bytes), ``unknown-schema``,

@@ -91,7 +91,7 @@ _FINISHED = (_OK, _SKIPPED, _DEAD, _TO_RETRY, _PARKED)
 class _Item:
     record: Record
     envelope: Envelope
-    event: Event | None  # None until decoded, while the batch's claims are out (see _decode_events)
+    event: Event
     sub: Subscription
     key: str
     claim: ClaimResult = ClaimResult.BUSY
@@ -611,24 +611,13 @@ class Service:
             if not await self._previous_durable(touched):
                 return
 
-        claiming = self._claim(run, store, parking)
         try:
-            # One turn of the loop sends the claims; the values are decoded while Redis answers,
-            # a wait that is otherwise about a fifth of a batch's time.
-            await asyncio.sleep(0)
-            undecodable = self._decode_events(run)
-            claims, parked = await claiming
+            claims, parked = await self._claim(run, store, parking)
         except IdempotencyError as exc:
             self._log.error("%s; pausing %d partitions", exc, len(touched))
             if await self._previous_durable(touched):
                 self._back_off(fresh, poison, settled, held_back, touched)
             return
-        except BaseException:
-            claiming.cancel()
-            raise
-        if undecodable:
-            claims, chains, run, settled = await self._set_aside(undecodable, claims, chains, run, late, poison,
-                                                                 store)
         # The store grants this owner's own claim again, so an event whose claim this process holds
         # is recognised here: a copy in this batch or in the previous one (whose done marks may not
         # be written yet), a late call still running, or one settled now.
@@ -889,10 +878,7 @@ class Service:
                     position[tp] = record.offset + 1
                     continue
             try:
-                envelope = wire.envelope(record, cls)
-                # A value whose writer schema is known waits to be decoded while the batch's claims
-                # are out (_decode_events); any other is decoded now, as finding its schema may block.
-                event = None if wire.resolved(record, cls) else wire.event(record, cls)
+                envelope, event = wire.decode(record, cls)
             except DecodeError as exc:
                 poison.setdefault(tp, []).append((record, exc))
                 position[tp] = record.offset + 1
@@ -996,48 +982,6 @@ class Service:
                 else:
                     chain.append(item)
         return order, held_back, late, again
-
-    def _decode_events(self, run: list[_Item]) -> dict[int, tuple[Record, DecodeError]]:
-        """Decode the values ``_decode`` left for later; those that fail, by ``id`` of their item."""
-        wire = self._wire
-        assert wire is not None
-        bad: dict[int, tuple[Record, DecodeError]] = {}
-        decoded: dict[int, Event] = {}  # a record with several handlers is decoded once
-        for item in run:
-            if item.event is not None:
-                continue
-            record = item.record
-            event = decoded.get(id(record))
-            if event is None:
-                try:
-                    event = decoded[id(record)] = wire.event(record, item.sub.event_type)
-                except DecodeError as exc:
-                    bad[id(item)] = (record, exc)
-                    continue
-            item.event = event
-        return bad
-
-    async def _set_aside(
-        self, undecodable: dict[int, tuple[Record, DecodeError]], claims: list[ClaimResult],
-        chains: list[list[_Item]], run: list[_Item], late: list[_Item],
-        poison: dict[TopicPartition, list[tuple[Record, DecodeError]]], store: IdempotencyStore,
-    ) -> tuple[list[ClaimResult], list[list[_Item]], list[_Item], list[_Item]]:
-        """Take the items whose value cannot be decoded out of the batch, as if ``_decode`` had found
-        them bad: their records are dead-lettered with the reason, and their claims given back."""
-        kept = [(item, claim) for item, claim in zip(run, claims) if id(item) not in undecodable]
-        # A key also claimed for a good copy of the event stays claimed.
-        held = {item.key for item, claim in kept if claim is ClaimResult.CLAIMED}
-        await self._release([item for item, claim in zip(run, claims) if id(item) in undecodable
-                             and claim is ClaimResult.CLAIMED and item.key not in held], store)
-        seen: set[int] = set()
-        for record, exc in undecodable.values():
-            if id(record) not in seen:  # one dead letter per record, however many handlers it has
-                seen.add(id(record))
-                poison.setdefault(_tp(record), []).append((record, exc))
-        chains = [kept_chain for chain in chains
-                  if (kept_chain := [item for item in chain if id(item) not in undecodable])]
-        run = [item for item, _ in kept]
-        return [claim for _, claim in kept], chains, run, run + late
 
     async def _run_chains(self, chains: list[list[_Item]]) -> None:
         """Run the chains, at most ``Settings.concurrency`` handler calls at a time: a few workers
@@ -1357,9 +1301,8 @@ class Service:
                 if current is not None:
                     current[slot] = item
                 sub = item.sub
-                # item.event is decoded by now (_decode_events runs before any chain).
                 call: Coroutine[Any, Any, None] = (
-                    self._call_blocking(sub, item.event, ctx) if sub.blocking  # type: ignore[arg-type]
+                    self._call_blocking(sub, item.event, ctx) if sub.blocking
                     else sub.handler(item.event, ctx))  # type: ignore[assignment]  # an async def (see Subscription.build)
                 if span is None:
                     try:
@@ -1519,43 +1462,23 @@ class Service:
         transport.pause([tp])
         self._resume_at[tp] = time.monotonic() + delay
 
-    def _claim(self, run: list[_Item], store: IdempotencyStore,
-               parking: ParkingLot) -> asyncio.Future[tuple[list[ClaimResult], bool | IdempotencyError]]:
+    async def _claim(self, run: list[_Item], store: IdempotencyStore,
+                     parking: ParkingLot) -> tuple[list[ClaimResult], bool | IdempotencyError]:
         """The batch's claims, and whether any of its events' keys has a parking list, asked at the
         same time: nearly always none has, and then the gate's own round trip is skipped. A failed
-        question is returned, not raised, so the caller can give back the claims it got.
-
-        Both requests are tasks already, so they are sent at the caller's next await; cancelling the
-        returned future cancels them."""
+        question is returned, not raised, so the caller can give back the claims it got."""
         if not run:
-            done: asyncio.Future[tuple[list[ClaimResult], bool | IdempotencyError]] = (
-                asyncio.get_running_loop().create_future())
-            done.set_result(([], False))
-            return done
-        claiming = asyncio.ensure_future(store.claim([i.key for i in run], self._owner, self.settings.claim_lease_ms))
+            return [], False
+        claiming = store.claim([i.key for i in run], self._owner, self.settings.claim_lease_ms)
         lists = [i.park_key for i in run if i.park_key is not None]
-        asking = asyncio.ensure_future(parking.any_parked(lists)) if lists else None
-
-        async def both() -> tuple[list[ClaimResult], bool | IdempotencyError]:
-            if asking is None:
-                return await claiming, False
-            claims, parked = await asyncio.gather(claiming, asking, return_exceptions=True)
-            if isinstance(claims, BaseException):
-                raise claims
-            if isinstance(parked, BaseException) and not isinstance(parked, IdempotencyError):
-                raise parked
-            return claims, parked
-
-        answer = asyncio.ensure_future(both())
-
-        def cancelled(future: asyncio.Future[Any]) -> None:
-            if future.cancelled():
-                for task in (claiming, asking):
-                    if task is not None and not task.cancel() and not task.cancelled():
-                        task.exception()  # retrieved: a finished request's error is not logged as lost
-
-        answer.add_done_callback(cancelled)
-        return answer
+        if not lists:
+            return await claiming, False
+        claims, parked = await asyncio.gather(claiming, parking.any_parked(lists), return_exceptions=True)
+        if isinstance(claims, BaseException):
+            raise claims
+        if isinstance(parked, BaseException) and not isinstance(parked, IdempotencyError):
+            raise parked
+        return claims, parked
 
     async def _release(self, items: list[_Item], store: IdempotencyStore) -> None:
         await self._give_back([i.key for i in items], store)

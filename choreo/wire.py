@@ -145,11 +145,6 @@ class Wire:
         Raises ``DecodeError`` with ``reason`` one of: missing-header, bad-header, wrong-type,
         not-avro, unknown-schema, invalid (the value fails the model's validation).
         """
-        return self.envelope(record, cls), self.event(record, cls)
-
-    def envelope(self, record: Record, cls: type[Event]) -> Envelope:
-        """``decode``'s first half: the headers only. Raises ``DecodeError`` (missing-header,
-        bad-header, wrong-type)."""
         info = self._types.get(cls) or self.add(cls)
         headers: dict[str, Any] = dict(record.headers)
         try:
@@ -179,30 +174,21 @@ class Wire:
                 f"event type {shown!r} on topic {record.topic}, which carries {info.type_name}",
                 reason="wrong-type",
             )
-        return Envelope(
+        env = Envelope(
             event_id, info.type_name, correlation, causation_id, occurred, producer, fingerprint, attempts,
             record.key, record.topic, record.partition, record.offset, record.headers,
         )
-
-    def event(self, record: Record, cls: type[Event]) -> Event:
-        """``decode``'s second half: the value only. Raises ``DecodeError`` (not-avro,
-        unknown-schema, wrong-type, incompatible, invalid); may block to fetch an unknown writer
-        schema unless ``resolved`` says it is known."""
-        info = self._types.get(cls) or self.add(cls)
         if record.value is None:
             raise DecodeError("the record has no value", reason="not-avro")
         data = info.codec.decode(record.value)
         try:
-            return info.from_avro(data)
+            event = info.from_avro(data)
         except pydantic.ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise DecodeError(
                 f"value fails {cls.__name__} validation at {where}: {first['msg']}", reason="invalid"
             ) from None
+        return env, event
 
-    def resolved(self, record: Record, cls: type[Event]) -> bool:
-        """Whether ``event`` needs no schema lookup for ``record``: its value names a writer schema
-        this process has resolved already. Such a value can be decoded later, off the critical path."""
-        info = self._types.get(cls) or self.add(cls)
-        return record.value is not None and info.codec.resolved(record.value)
+

@@ -769,8 +769,7 @@ async def test_a_writer_schema_that_cannot_be_fetched_is_retried_not_dropped(
 async def test_a_body_that_cannot_be_read_is_dead_lettered_once_for_all_its_handlers(
     publisher: Publisher, broker: MemoryBroker, config: Settings,
 ) -> None:
-    # Its value is decoded while the batch's claims are out, so both handlers claimed it first:
-    # one dead letter for the record, and both claims given back.
+    # One dead letter for the record, not one per handler, and no claim left behind for either.
     store = MemoryIdempotencyStore()
     service = Service("inventory", settings=config, transport=MemoryTransport(broker), idempotency=store)
     calls: list[str] = []
