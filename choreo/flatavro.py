@@ -45,7 +45,11 @@ def _zigzag(n: int) -> bytes:
 
 
 def _length(n: int) -> bytes:
-    return _SHORT[n] if n < 64 else _varint(n << 1)
+    if n < 64:
+        return _SHORT[n]
+    if n < 8192:  # two bytes: a string of a few hundred characters, common in events
+        return bytes((((n << 1) & 0x7F) | 0x80, n >> 6))
+    return _varint(n << 1)
 
 
 def _read_long(data: bytes, pos: int) -> tuple[int, int]:
@@ -84,10 +88,15 @@ def _read(kind: str, var: str, ind: str) -> list[str]:
         return [f"{ind}{var} = _f(data, pos)[0]", f"{ind}pos += 4"]
     if kind == "double":
         return [f"{ind}{var} = _d(data, pos)[0]", f"{ind}pos += 8"]
+    # One and two bytes inline (values below 64 and 8192 in magnitude), longer ones by a call.
     lines = [f"{ind}b = data[pos]",
              f"{ind}if b < 0x80:",
              f"{ind}    n = (b >> 1) ^ -(b & 1)",
              f"{ind}    pos += 1",
+             f"{ind}elif data[pos + 1] < 0x80:",
+             f"{ind}    n = (b & 0x7F) | (data[pos + 1] << 7)",
+             f"{ind}    n = (n >> 1) ^ -(n & 1)",
+             f"{ind}    pos += 2",
              f"{ind}else:",
              f"{ind}    n, pos = _read_long(data, pos)"]
     if kind in ("int", "long"):

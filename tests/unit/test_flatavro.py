@@ -73,6 +73,20 @@ def test_it_writes_and_reads_the_bytes_fastavro_does(case: tuple[dict[str, Any],
     assert same(decoded, schemaless_reader(io.BytesIO(body), parsed, None))
 
 
+@pytest.mark.parametrize("size", [0, 63, 64, 65, 8191, 8192, 8193, 100_000])
+def test_lengths_and_longs_of_every_varint_width_match_fastavro(size: int) -> None:
+    # One, two and three or more bytes: the first two widths are read and written inline.
+    parsed = parse_schema({"type": "record", "name": "W", "fields": [
+        {"name": "s", "type": "string"}, {"name": "b", "type": "bytes"}, {"name": "n", "type": "long"},
+        {"name": "m", "type": "long"}]})
+    record = {"s": "x" * size, "b": b"y" * size, "n": size, "m": -size - 1}
+    compiled = compile_record(parsed, HEADER)
+    assert compiled is not None
+    body = fastavro_body(parsed, record)
+    assert compiled[0](record) == HEADER + body
+    assert compiled[1](HEADER + body, len(HEADER), len(HEADER) + len(body)) == record
+
+
 @settings(max_examples=400, deadline=None, derandomize=True)
 @given(case=records(), cut=st.integers(0, 400), junk=st.binary(max_size=12), at=st.integers(0, 400))
 def test_a_damaged_body_is_refused_or_read_as_fastavro_reads_it(
