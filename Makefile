@@ -42,7 +42,7 @@ install: $(STAMP)
 demo: install
 	$(PY) -m services.demo
 
-## The whole suite on the embedded stack (Tansu + Redis), plus mypy on the package.
+## The whole suite on the embedded stack (Tansu + Redis), plus mypy (strict) on choreo, services, bench and scripts.
 test: install
 	$(PY) -m mypy
 	$(PY) -m pytest $(PYTEST_ARGS)

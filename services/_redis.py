@@ -79,7 +79,7 @@ class ServiceState:
     def key(self, name: str) -> str:
         return self.prefix + name
 
-    async def once(self, ctx: Context, body: str, keys: Sequence[str], args: Sequence[object]) -> str:
+    async def once(self, ctx: Context, body: str, keys: Sequence[str], args: Sequence[str | int | float]) -> str:
         """Run the Lua ``body`` (which returns a string) once per ``ctx.idempotency_key``."""
         script = self._scripts.get(body)
         if script is None:

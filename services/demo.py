@@ -18,7 +18,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -55,7 +57,9 @@ def make_orders(count: int, seed: int = 7) -> list[OrderPlaced]:
 async def _run(count: int, stock: dict[str, int], settings: Settings, log_dir: Path) -> int:
     r = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
     prefix = settings.redis_prefix
-    await r.hset(f"{prefix}inventory:stock", mapping=stock)
+    # redis-py types the mapping's keys as a union, and a dict's key type is invariant.
+    mapping: Mapping[Any, Any] = stock
+    await r.hset(f"{prefix}inventory:stock", mapping=mapping)
     procs = start_services(settings, log_dir)
     print(f"started services: {', '.join(SERVICES)} and the saga tracker (each its own process; logs in {log_dir})")
     try:
