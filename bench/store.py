@@ -9,7 +9,8 @@ Per round, in rotating order, each call runs ``--batches`` times:
   on redis-py's blocking client, as raw-limit uses it.
 * ``claim``: ``RedisIdempotencyStore.claim`` (one script call).
 * ``gate``: ``RedisParkingLot.gate`` for the batch, none of its keys parked (the common case).
-* ``finish``: ``RedisIdempotencyStore.finish``, every key done.
+* ``finish``: ``RedisIdempotencyStore.finish``, every key done, after the batch was claimed (not
+  timed), as a service finishes a batch: one marker key for the whole batch.
 
 Figures per batch, medians over rounds: wall ms (one call at a time, so a round trip each), this
 process's CPU ms (redis-py and choreo's argument packing), and Redis's own ms from
@@ -60,6 +61,9 @@ async def _run(call: str, store: RedisIdempotencyStore, lot: RedisParkingLot, bl
             await store.finish(keys, [], owner, TTL_MS)
             return None
     await one(["bench:warm-up"])  # loads the script, so the run counts no SCRIPT LOAD
+    if call == "finish":
+        for keys in batches:
+            await store.claim(keys, owner, LEASE_MS)
     await store.redis.config_resetstat()
     cpu, wall = time.thread_time(), time.perf_counter()
     for keys in batches:

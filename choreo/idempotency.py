@@ -22,6 +22,10 @@ from collections.abc import Sequence
 from typing import Protocol
 
 
+#: How long a finished event is remembered unless configured (``Settings.done_ttl_ms``).
+DONE_TTL_MS = 7 * 24 * 3_600_000
+
+
 class ClaimResult(enum.IntEnum):
     DONE = 0
     CLAIMED = 1

@@ -360,7 +360,8 @@ class Service:
         if self._store is None:
             from choreo.stores.redis import RedisIdempotencyStore
 
-            self._store = RedisIdempotencyStore(settings.redis_url)
+            self._store = RedisIdempotencyStore(settings.redis_url, prefix=settings.redis_prefix,
+                                                 done_ttl_ms=settings.done_ttl_ms)
         await self._store.ping()
         if self._tracing is None:
             self._tracing = Tracing.from_env(self.name)

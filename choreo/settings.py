@@ -28,6 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from choreo.errors import ConfigurationError
+from choreo.idempotency import DONE_TTL_MS
 
 _PROTECTED_KAFKA_KEYS = frozenset(
     {"enable.idempotence", "acks", "enable.auto.offset.store", "group.id", "bootstrap.servers"}
@@ -82,7 +83,7 @@ class Settings(BaseModel):
     #: Keep it above the longest handler run; a crashed process's events wait this long to be retried.
     claim_lease_ms: int = Field(default=30_000, ge=100)
     #: How long a finished event is remembered; longer than any retry or replay window.
-    done_ttl_ms: int = Field(default=7 * 24 * 3_600_000, ge=1_000)
+    done_ttl_ms: int = Field(default=DONE_TTL_MS, ge=1_000)
     #: Upper bound of the pause before a failed event is tried again.
     max_backoff_ms: int = Field(default=30_000, ge=1)
     #: Retry topics per consumed topic (``<topic>.retry.1`` ...) for retry delays longer than a

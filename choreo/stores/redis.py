@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -13,7 +14,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("choreo's Redis store needs the 'redis' package: pip install choreo") from exc
 
 from choreo.errors import IdempotencyError
-from choreo.idempotency import ClaimResult
+from choreo.idempotency import DONE_TTL_MS, ClaimResult
 from choreo.parking import Gate, GateResult
 
 # Every script takes its lists as one argument each, joined by a separator that none of the values
@@ -57,42 +58,98 @@ local function any_exists(keys)
 end
 """
 
-# Values: "d" when done, "c:<owner>" while claimed. The reply is one string of digits, one per key:
-# parsing a 500-element array reply in redis-py costs more than the script itself. A claim by the same
-# owner is granted again, so a process retrying its own failed event does not wait for its own lease
-# to expire. ARGV: owner, lease ms, then the list of keys.
+# Values:
+# * "d": done (kept for the done TTL);
+# * "b:<deadline ms>:<batch>:<owner>": claimed by ``owner`` in its claim call number ``batch``, the
+#   lease running to the deadline (Redis's clock). The key is kept as long as a done mark, because
+#   it *becomes* done, without being written again, once its batch's marker ``<marks><batch>:<owner>``
+#   exists: a batch of 500 events costs Redis one write to finish, not 500;
+# * "c:<owner>": claimed on its own, the lease being the key's TTL. A claim still held when the rest
+#   of its batch is marked (a handler call outliving its batch) is turned into this before the marker
+#   is written, and is then marked done on its own.
+# The reply is one string of digits, one per key: parsing a 500-element array reply in redis-py costs
+# more than the script itself. 0: done, 1: claimed now, under this call's batch; 2: busy; 3: claimed
+# already by this owner (a retry, or a copy of the event), which keeps the claim's batch and gets a
+# new lease. ARGV: owner, lease ms, key TTL ms, batch, marks prefix, then the list of keys.
 _CLAIM = _LISTS + """
-local owner = 'c:' .. ARGV[1]
+local owner, lease, ttl, marks = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[5]
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local mine = 'b:' .. string.format('%.0f', now + lease) .. ':' .. ARGV[4] .. ':' .. owner
+local single = 'c:' .. owner
 local out = {}
-for i, key in ipairs(lists(3, 1)[1]) do
+for i, key in ipairs(lists(6, 1)[1]) do
   -- A fresh key, the common case, costs one command.
-  local v = not redis.call('SET', key, owner, 'NX', 'PX', ARGV[2]) and redis.call('GET', key)
+  local v = false
+  if not redis.call('SET', key, mine, 'NX', 'PX', ttl) then
+    v = redis.call('GET', key)
+    if not v then redis.call('SET', key, mine, 'PX', ttl) end  -- it expired in between
+  end
   if not v then
     out[i] = '1'
   elseif v == 'd' then
     out[i] = '0'
-  elseif v == owner then
-    redis.call('PEXPIRE', key, ARGV[2])
-    out[i] = '1'
+  elseif v == single then
+    redis.call('PEXPIRE', key, lease)
+    out[i] = '3'
   else
-    out[i] = '2'
+    local deadline, batch, holder = string.match(v, '^b:(%d+):(%d+):(.*)$')
+    if not deadline then
+      out[i] = '2'  -- held on its own by another owner, until its TTL runs out
+    elseif redis.call('EXISTS', marks .. batch .. ':' .. holder) == 1 then
+      out[i] = '0'
+    elseif holder == owner then
+      redis.call('SET', key, 'b:' .. string.format('%.0f', now + lease) .. ':' .. batch .. ':' .. owner, 'KEEPTTL')
+      out[i] = '3'
+    elseif tonumber(deadline) > now then
+      out[i] = '2'
+    else
+      redis.call('SET', key, mine, 'PX', ttl)  -- the holder's lease ran out: it crashed or hung
+      out[i] = '1'
+    end
   end
 end
 return table.concat(out)
 """
 
-# ARGV: owner, done ttl ms, how many of the keys are done (the rest are released), then the keys.
+# One list of keys with one operation each, applied in order: "r" gives the owner's claim back,
+# "h<batch>" turns the owner's claim in that batch into one on its own (see above), "m" writes a
+# batch's marker and "d" marks a key done on its own.
+# ARGV: owner, done TTL ms, marker TTL ms, then the lists of keys and operations.
 _FINISH = _LISTS + """
-local n = tonumber(ARGV[3])
-local owner = 'c:' .. ARGV[1]
-for i, key in ipairs(lists(4, 1)[1]) do
-  if i <= n then
-    redis.call('SET', key, 'd', 'PX', ARGV[2])
-  elseif redis.call('GET', key) == owner then
-    redis.call('DEL', key)
+local owner, ttl, mark_ttl = ARGV[1], ARGV[2], ARGV[3]
+local single = 'c:' .. owner
+local now
+local l = lists(4, 2)
+local ops = l[2]
+for i, key in ipairs(l[1]) do
+  local op = ops[i]
+  if op == 'm' then
+    redis.call('SET', key, '1', 'PX', mark_ttl)
+  elseif op == 'd' then
+    redis.call('SET', key, 'd', 'PX', ttl)
+  else
+    local v = redis.call('GET', key)
+    if v then
+      local deadline, batch, holder = string.match(v, '^b:(%d+):(%d+):(.*)$')
+      if op == 'r' then
+        if v == single or holder == owner then redis.call('DEL', key) end
+      elseif holder == owner and 'h' .. batch == op then
+        if not now then
+          now = redis.call('TIME')
+          now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+        end
+        local left = tonumber(deadline) - now
+        if left > 0 then
+          redis.call('SET', key, single, 'PX', string.format('%.0f', left))
+        else
+          redis.call('DEL', key)  -- its lease ran out: as a claim on its own would have expired
+        end
+      end
+    end
   end
 end
-return n
+return #ops
 """
 
 
@@ -110,21 +167,31 @@ def _lists(*lists: Sequence[str]) -> list[str | int]:
 
 _SEPARATORS = "\n" + "".join(chr(c) for c in range(1, 32) if c != 10) + "\x7f"
 
-_RESULTS = (ClaimResult.DONE, ClaimResult.CLAIMED, ClaimResult.BUSY)
+_RESULTS = (ClaimResult.DONE, ClaimResult.CLAIMED, ClaimResult.BUSY, ClaimResult.CLAIMED)
 
 
 class RedisIdempotencyStore:
     """``IdempotencyStore`` on Redis >= 6.2. Safe for many processes; keys expire by themselves.
 
+    Each ``claim`` call is a batch: its keys are marked done together by one marker key (see the
+    values above), which this object tracks per owner until every key of the batch is finished.
+    ``done_ttl_ms`` is how long a claimed key is kept, so it is remembered that long once done.
     Multi-key scripts need every key in one slot on Redis Cluster; keys carry the saga id as hash tag,
     and batches are split by the caller only when running against a cluster (not supported yet).
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, prefix: str = "choreo:", done_ttl_ms: int = DONE_TTL_MS) -> None:
         self._url = url
         self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
         self._claim = self._redis.register_script(_CLAIM)
         self._finish = self._redis.register_script(_FINISH)
+        self._marks = f"{prefix}batch:"
+        self._done_ttl_ms = done_ttl_ms
+        self._batches = itertools.count(1)
+        # Per owner, its batches with a key not finished yet: those keys, and the TTL they were
+        # claimed with. A key in none of them is finished on its own. Set operations throughout:
+        # this bookkeeping runs for every key, and Python's sets do it in C.
+        self._open: dict[str, dict[int, tuple[set[str], int]]] = {}
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -139,19 +206,58 @@ class RedisIdempotencyStore:
     async def claim(self, keys: Sequence[str], owner: str, lease_ms: int) -> list[ClaimResult]:
         if not keys:
             return []
+        batch = next(self._batches)
+        ttl = self._done_ttl_ms + lease_ms  # done for done_ttl_ms after a finish within the lease
         try:
-            raw = await self._claim(args=[owner, lease_ms, *_lists(keys)])
+            raw = await self._claim(args=[owner, lease_ms, ttl, batch, self._marks, *_lists(keys)])
         except (RedisError, OSError) as exc:
             raise IdempotencyError(f"claiming {len(keys)} keys in Redis at {_safe(self._url)} failed: {exc}") from exc
         digits = raw if isinstance(raw, bytes) else str(raw).encode()
+        if digits.count(49) == len(digits):  # b"1": all claimed now, the common case
+            claimed = set(keys)
+        else:
+            claimed = {key for key, d in zip(keys, digits) if d == 49}
+        if claimed:
+            # A key taken over again may still sit in an older batch too (it had been taken from us
+            # meanwhile); finishing it then marks both, which is still right.
+            self._open.setdefault(owner, {})[batch] = (claimed, ttl)
         return [_RESULTS[d - 48] for d in digits]  # b"0" is 48
 
     async def finish(self, done: Sequence[str], released: Sequence[str], owner: str, ttl_ms: int) -> None:
         if not done and not released:
             return
+        batches = self._open.get(owner, {})
+        finished, gone = set(done), set(released)
+        single = set(finished)
+        keys: list[str] = list(released)
+        ops: list[str] = ["r"] * len(keys)
+        touched: list[int] = []  # batches that give back claims but are not marked
+        mark_ttl = ttl_ms
+        for batch, (still, claimed_ttl) in list(batches.items()):
+            if still.isdisjoint(finished):
+                if gone and not still.isdisjoint(gone):
+                    still -= gone
+                    touched.append(batch)
+                    if not still:
+                        del batches[batch]
+                continue
+            del batches[batch]
+            single -= still
+            mark_ttl = max(mark_ttl, claimed_ttl)  # the marker outlives every key that names it
+            for key in still - gone - finished:  # a call that outlives its batch: it goes on alone
+                keys.append(key)
+                ops.append(f"h{batch}")
+            keys.append(f"{self._marks}{batch}:{owner}")
+            ops.append("m")
+        keys += single
+        ops += ["d"] * len(single)
         try:
-            await self._finish(args=[owner, ttl_ms, len(done), *_lists([*done, *released])])
+            await self._finish(args=[owner, ttl_ms, mark_ttl, *_lists(keys, ops)])
         except (RedisError, OSError) as exc:
+            # Claims this call should have given back may still name their batch: its marker must
+            # never be written, so the rest of it is finished key by key (or left to expire).
+            for batch in touched:
+                batches.pop(batch, None)
             raise IdempotencyError(f"marking keys done in Redis at {_safe(self._url)} failed: {exc}") from exc
 
     async def close(self) -> None:
