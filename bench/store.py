@@ -57,13 +57,17 @@ async def _run(call: str, store: RedisIdempotencyStore, lot: RedisParkingLot, bl
         async def one(keys: list[str]) -> object:
             return await lot.gate([(f"{key}:park", f"id-{index}", True) for index, key in enumerate(keys)], TTL_MS)
     else:
+        # Each batch claimed (not timed) by an owner of its own: a service has one or two batches
+        # open at a time, and finishing looks through its owner's open batches.
+        owners = {id(keys): f"{owner}-{index}" for index, keys in enumerate(batches)}
+
         async def one(keys: list[str]) -> object:
-            await store.finish(keys, [], owner, TTL_MS)
+            await store.finish(keys, [], owners.get(id(keys), owner), TTL_MS)
             return None
     await one(["bench:warm-up"])  # loads the script, so the run counts no SCRIPT LOAD
     if call == "finish":
         for keys in batches:
-            await store.claim(keys, owner, LEASE_MS)
+            await store.claim(keys, owners[id(keys)], LEASE_MS)
     await store.redis.config_resetstat()
     cpu, wall = time.thread_time(), time.perf_counter()
     for keys in batches:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from collections.abc import Callable, Sequence
@@ -60,25 +61,27 @@ end
 
 # Values:
 # * "d": done (kept for the done TTL);
-# * "b:<deadline ms>:<batch>:<owner>": claimed by ``owner`` in its claim call number ``batch``, the
-#   lease running to the deadline (Redis's clock). The key is kept as long as a done mark, because
-#   it *becomes* done, without being written again, once its batch's marker ``<marks><batch>:<owner>``
-#   exists: a batch of 500 events costs Redis one write to finish, not 500;
+# * "b:<deadline ms>:<batch>:<holder>": claimed by the owner whose digest is ``holder`` (12 hex
+#   digits, so the value stays short enough for Redis to store it with its object, in one
+#   allocation) in its claim call number ``batch``, the lease running to the deadline (Redis's
+#   clock). The key is kept as long as a done mark, because it *becomes* done, without being written
+#   again, once its batch's marker ``<marks><batch>:<holder>`` exists: a batch of 500 events costs
+#   Redis one write to finish, not 500;
 # * "c:<owner>": claimed on its own, the lease being the key's TTL. A claim still held when the rest
 #   of its batch is marked (a handler call outliving its batch) is turned into this before the marker
 #   is written, and is then marked done on its own.
 # The reply is one string of digits, one per key: parsing a 500-element array reply in redis-py costs
 # more than the script itself. 0: done, 1: claimed now, under this call's batch; 2: busy; 3: claimed
 # already by this owner (a retry, or a copy of the event), which keeps the claim's batch and gets a
-# new lease. ARGV: owner, lease ms, key TTL ms, batch, marks prefix, then the list of keys.
+# new lease. ARGV: owner, lease ms, key TTL ms, batch, marks prefix, holder, then the list of keys.
 _CLAIM = _LISTS + """
-local owner, lease, ttl, marks = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[5]
+local owner, lease, ttl, marks, me = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[5], ARGV[6]
 local now = redis.call('TIME')
 now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local mine = 'b:' .. string.format('%.0f', now + lease) .. ':' .. ARGV[4] .. ':' .. owner
+local mine = 'b:' .. string.format('%.0f', now + lease) .. ':' .. ARGV[4] .. ':' .. me
 local single = 'c:' .. owner
 local out = {}
-for i, key in ipairs(lists(6, 1)[1]) do
+for i, key in ipairs(lists(7, 1)[1]) do
   -- A fresh key, the common case, costs one command.
   local v = false
   if not redis.call('SET', key, mine, 'NX', 'PX', ttl) then
@@ -98,8 +101,8 @@ for i, key in ipairs(lists(6, 1)[1]) do
       out[i] = '2'  -- held on its own by another owner, until its TTL runs out
     elseif redis.call('EXISTS', marks .. batch .. ':' .. holder) == 1 then
       out[i] = '0'
-    elseif holder == owner then
-      redis.call('SET', key, 'b:' .. string.format('%.0f', now + lease) .. ':' .. batch .. ':' .. owner, 'KEEPTTL')
+    elseif holder == me then
+      redis.call('SET', key, 'b:' .. string.format('%.0f', now + lease) .. ':' .. batch .. ':' .. me, 'KEEPTTL')
       out[i] = '3'
     elseif tonumber(deadline) > now then
       out[i] = '2'
@@ -115,12 +118,12 @@ return table.concat(out)
 # One list of keys with one operation each, applied in order: "r" gives the owner's claim back,
 # "h<batch>" turns the owner's claim in that batch into one on its own (see above), "m" writes a
 # batch's marker and "d" marks a key done on its own.
-# ARGV: owner, done TTL ms, marker TTL ms, then the lists of keys and operations.
+# ARGV: owner, done TTL ms, marker TTL ms, holder, then the lists of keys and operations.
 _FINISH = _LISTS + """
-local owner, ttl, mark_ttl = ARGV[1], ARGV[2], ARGV[3]
+local owner, ttl, mark_ttl, me = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local single = 'c:' .. owner
 local now
-local l = lists(4, 2)
+local l = lists(5, 2)
 local ops = l[2]
 for i, key in ipairs(l[1]) do
   local op = ops[i]
@@ -133,8 +136,8 @@ for i, key in ipairs(l[1]) do
     if v then
       local deadline, batch, holder = string.match(v, '^b:(%d+):(%d+):(.*)$')
       if op == 'r' then
-        if v == single or holder == owner then redis.call('DEL', key) end
-      elseif holder == owner and 'h' .. batch == op then
+        if v == single or holder == me then redis.call('DEL', key) end
+      elseif holder == me and 'h' .. batch == op then
         if not now then
           now = redis.call('TIME')
           now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -167,6 +170,13 @@ def _lists(*lists: Sequence[str]) -> list[str | int]:
 
 _SEPARATORS = "\n" + "".join(chr(c) for c in range(1, 32) if c != 10) + "\x7f"
 
+
+def _holder(owner: str) -> str:
+    """The owner's name in batch claims and markers: 48 bits of its digest. Owners carry a random
+    part (``Service`` adds 8 hex digits of a UUID), so two live owners share one by chance only."""
+    return hashlib.blake2b(owner.encode(), digest_size=6).hexdigest()
+
+
 _RESULTS = (ClaimResult.DONE, ClaimResult.CLAIMED, ClaimResult.BUSY, ClaimResult.CLAIMED)
 
 
@@ -192,6 +202,7 @@ class RedisIdempotencyStore:
         # claimed with. A key in none of them is finished on its own. Set operations throughout:
         # this bookkeeping runs for every key, and Python's sets do it in C.
         self._open: dict[str, dict[int, tuple[set[str], int]]] = {}
+        self._holders: dict[str, str] = {}
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -209,7 +220,7 @@ class RedisIdempotencyStore:
         batch = next(self._batches)
         ttl = self._done_ttl_ms + lease_ms  # done for done_ttl_ms after a finish within the lease
         try:
-            raw = await self._claim(args=[owner, lease_ms, ttl, batch, self._marks, *_lists(keys)])
+            raw = await self._claim(args=[owner, lease_ms, ttl, batch, self._marks, self._holder(owner), *_lists(keys)])
         except (RedisError, OSError) as exc:
             raise IdempotencyError(f"claiming {len(keys)} keys in Redis at {_safe(self._url)} failed: {exc}") from exc
         digits = raw if isinstance(raw, bytes) else str(raw).encode()
@@ -227,6 +238,7 @@ class RedisIdempotencyStore:
         if not done and not released:
             return
         batches = self._open.get(owner, {})
+        holder = self._holder(owner)
         finished, gone = set(done), set(released)
         single = set(finished)
         keys: list[str] = list(released)
@@ -247,18 +259,24 @@ class RedisIdempotencyStore:
             for key in still - gone - finished:  # a call that outlives its batch: it goes on alone
                 keys.append(key)
                 ops.append(f"h{batch}")
-            keys.append(f"{self._marks}{batch}:{owner}")
+            keys.append(f"{self._marks}{batch}:{holder}")
             ops.append("m")
         keys += single
         ops += ["d"] * len(single)
         try:
-            await self._finish(args=[owner, ttl_ms, mark_ttl, *_lists(keys, ops)])
+            await self._finish(args=[owner, ttl_ms, mark_ttl, holder, *_lists(keys, ops)])
         except (RedisError, OSError) as exc:
             # Claims this call should have given back may still name their batch: its marker must
             # never be written, so the rest of it is finished key by key (or left to expire).
             for batch in touched:
                 batches.pop(batch, None)
             raise IdempotencyError(f"marking keys done in Redis at {_safe(self._url)} failed: {exc}") from exc
+
+    def _holder(self, owner: str) -> str:
+        holder = self._holders.get(owner)
+        if holder is None:
+            holder = self._holders[owner] = _holder(owner)
+        return holder
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -9,7 +9,7 @@ import pytest
 from choreo import IdempotencyError, Settings
 from choreo.idempotency import ClaimResult
 from choreo.parking import Gate, GateResult
-from choreo.stores.redis import RedisIdempotencyStore, RedisParkingLot
+from choreo.stores.redis import RedisIdempotencyStore, RedisParkingLot, _holder
 
 pytestmark = pytest.mark.redis
 
@@ -25,6 +25,10 @@ async def store(settings: Settings) -> RedisIdempotencyStore:
 
 def keys(settings: Settings, *names: str) -> list[str]:
     return [f"{settings.redis_prefix}idem:{{saga}}:svc:h:{n}" for n in names]
+
+
+def marker(settings: Settings, batch: int, owner: str) -> str:
+    return f"{settings.redis_prefix}batch:{batch}:{_holder(owner)}"
 
 
 async def test_a_fresh_key_is_claimed_and_a_done_key_is_skipped(store: RedisIdempotencyStore, settings: Settings) -> None:
@@ -68,7 +72,7 @@ async def test_done_keys_expire_after_their_ttl(settings: Settings) -> None:
         await store.finish(k[:1], [], "o", 5_000)
         await store.finish(k[1:], [], "o", 5_000)  # never claimed here: marked on its own
         async with store.redis.pipeline(transaction=True) as pipe:  # both read at one instant
-            key_ttl, mark_ttl = await pipe.pttl(k[0]).pttl(f"{settings.redis_prefix}batch:1:o").execute()
+            key_ttl, mark_ttl = await pipe.pttl(k[0]).pttl(marker(settings, 1, "o")).execute()
         assert 5_000 < key_ttl <= mark_ttl <= 6_000
         assert 0 < await store.redis.pttl(k[1]) <= 5_000 and await store.redis.get(k[1]) == b"d"
     finally:
@@ -96,6 +100,13 @@ async def test_a_batch_is_marked_done_by_one_write(store: RedisIdempotencyStore,
     await store.finish(k[:499], k[499:], "o", 60_000)
     assert await _sets(store) - before == 1, "one marker for the batch, not a write per key"
     assert await store.claim(k, "p", 10_000) == [D] * 499 + [C]
+
+
+async def test_a_claim_is_stored_in_one_allocation(store: RedisIdempotencyStore, settings: Settings) -> None:
+    # Kept as long as a done mark: a value short enough for Redis's embedded strings (44 bytes).
+    k = keys(settings, "a")
+    await store.claim(k, f"checkout-payment@{'host' * 16}:4194304:0123abcd", 30_000)
+    assert await store.redis.object("encoding", k[0]) == b"embstr"
 
 
 async def test_a_claim_outliving_its_batch_stays_held_then_is_done_on_its_own(
@@ -159,7 +170,7 @@ async def test_a_failed_finish_never_marks_the_claims_it_gave_back(
         await store.finish(k[:1], k[1:2], "o", 60_000)
     monkeypatch.setattr(store, "_finish", finish)
     await store.finish(k[2:], [], "o", 60_000)
-    assert not await store.redis.exists(f"{settings.redis_prefix}batch:1:o")
+    assert not await store.redis.exists(marker(settings, 1, "o"))
     assert await store.claim(k, "p", 10_000) == [B, B, D]
     await asyncio.sleep(0.4)
     assert await store.claim(k, "p", 10_000) == [C, C, D], "their leases ran out: run again"
