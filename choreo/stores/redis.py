@@ -74,11 +74,26 @@ end
 # more than the script itself. 0: done, 1: claimed now, under this call's batch; 2: busy; 3: claimed
 # already by this owner (a retry, or a copy of the event), which keeps the claim's batch and gets a
 # new lease. ARGV: owner, lease ms, key TTL ms, batch, marks prefix, holder, then the list of keys.
-_CLAIM = _LISTS + """
+_BATCH_CLAIMS = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function batch_claim(deadline, batch, holder)
+  return 'b:' .. string.format('%.0f', deadline) .. ':' .. batch .. ':' .. holder
+end
+
+-- deadline, batch and holder of a batch claim; nil for any other value
+local function parse(v)
+  return string.match(v, '^b:(%d+):(%d+):(.*)$')
+end
+"""
+
+_CLAIM = _LISTS + _BATCH_CLAIMS + """
 local owner, lease, ttl, marks, me = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[5], ARGV[6]
-local now = redis.call('TIME')
-now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local mine = 'b:' .. string.format('%.0f', now + lease) .. ':' .. ARGV[4] .. ':' .. me
+local now = now_ms()
+local mine = batch_claim(now + lease, ARGV[4], me)
 local single = 'c:' .. owner
 local out = {}
 for i, key in ipairs(lists(7, 1)[1]) do
@@ -96,13 +111,13 @@ for i, key in ipairs(lists(7, 1)[1]) do
     redis.call('PEXPIRE', key, lease)
     out[i] = '3'
   else
-    local deadline, batch, holder = string.match(v, '^b:(%d+):(%d+):(.*)$')
+    local deadline, batch, holder = parse(v)
     if not deadline then
       out[i] = '2'  -- held on its own by another owner, until its TTL runs out
     elseif redis.call('EXISTS', marks .. batch .. ':' .. holder) == 1 then
       out[i] = '0'
     elseif holder == me then
-      redis.call('SET', key, 'b:' .. string.format('%.0f', now + lease) .. ':' .. batch .. ':' .. me, 'KEEPTTL')
+      redis.call('SET', key, batch_claim(now + lease, batch, me), 'KEEPTTL')
       out[i] = '3'
     elseif tonumber(deadline) > now then
       out[i] = '2'
@@ -119,7 +134,7 @@ return table.concat(out)
 # "h<batch>" turns the owner's claim in that batch into one on its own (see above), "m" writes a
 # batch's marker and "d" marks a key done on its own.
 # ARGV: owner, done TTL ms, marker TTL ms, holder, then the lists of keys and operations.
-_FINISH = _LISTS + """
+_FINISH = _LISTS + _BATCH_CLAIMS + """
 local owner, ttl, mark_ttl, me = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local single = 'c:' .. owner
 local now
@@ -134,14 +149,11 @@ for i, key in ipairs(l[1]) do
   else
     local v = redis.call('GET', key)
     if v then
-      local deadline, batch, holder = string.match(v, '^b:(%d+):(%d+):(.*)$')
+      local deadline, batch, holder = parse(v)
       if op == 'r' then
         if v == single or holder == me then redis.call('DEL', key) end
       elseif holder == me and 'h' .. batch == op then
-        if not now then
-          now = redis.call('TIME')
-          now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-        end
+        now = now or now_ms()
         local left = tonumber(deadline) - now
         if left > 0 then
           redis.call('SET', key, single, 'PX', string.format('%.0f', left))
